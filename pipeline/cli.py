@@ -1,0 +1,177 @@
+"""genbench command line: prepare | fit | benchmark | leaderboard | run | train-auditor | fetch-weights."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional
+
+COMMANDS = {
+    "prepare": "write WebDataset shards + manifest.json from a source (digits, folder:PATH, torchvision:NAME)",
+    "fit": "train a model from an experiment YAML (LightningCLI; see genbench fit --help)",
+    "benchmark": "sample a trained run and score it (FID, fd_auditor, bias audit) into a result record",
+    "leaderboard": "build leaderboard.md / .csv from result records",
+    "run": "prepare, fit, benchmark and rank one or more experiments (or a suite such as experiments/quickstart.yaml)",
+    "train-auditor": "train the auditor classifier of a shard directory (done automatically by benchmark)",
+    "fetch-weights": "download torch-fidelity's InceptionV3 weights into the torch hub cache (needs internet)",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="genbench", description="Train and fairly compare image generators.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Quickstart: genbench run experiments/quickstart.yaml")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, text in COMMANDS.items():
+        if name == "fit":
+            sub.add_parser(name, help=text, add_help=False)
+    prep = sub.add_parser("prepare", help=COMMANDS["prepare"], description=COMMANDS["prepare"])
+    prep.add_argument("source", nargs="?", help="digits | folder:PATH | torchvision:NAME (CIFAR10, MNIST, FashionMNIST, CelebA)")
+    prep.add_argument("--out", help="output shard directory")
+    prep.add_argument("--verify", metavar="DIR", help="check the shards of DIR against its manifest instead of writing")
+    prep.add_argument("--val-fraction", type=float, default=0.1, help="fraction held out as the val split (default 0.1)")
+    prep.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
+    prep.add_argument("--shard-size", default="10000", help="samples (5000) or bytes (64MB) per shard (default 10000)")
+    prep.add_argument("--image-size", type=int, help="resize to this square size in pixels (default: keep)")
+    prep.add_argument("--root", default="data/torchvision", help="local root of torchvision datasets")
+    prep.add_argument("--download", action="store_true", help="let torchvision download the dataset (needs internet)")
+    prep.add_argument("--label-attribute", help="CelebA: use this attribute (e.g. Male) as the class label")
+    prep.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    bench = sub.add_parser("benchmark", help=COMMANDS["benchmark"], description=COMMANDS["benchmark"])
+    bench.add_argument("--run", required=True, help="run directory (runs/<id>)")
+    bench.add_argument("--num-samples", type=int, help="generated images to score (default: the run's benchmark.num_samples)")
+    bench.add_argument("--seed", type=int, help="seed of the generated images (default: the run's benchmark.seed)")
+    bench.add_argument("--metrics", help="comma-separated subset of fid,fd_auditor,audit (default all)")
+    bench.add_argument("--inception-weights", help="path of torch-fidelity's InceptionV3 weights")
+    bench.add_argument("--auditor", help="auditor checkpoint (default: trained and cached automatically)")
+    bench.add_argument("--batch-size", type=int, default=250, help="images per batch (default 250)")
+    bench.add_argument("--results", help="directory of result records (default: the run's benchmark.results)")
+
+    board = sub.add_parser("leaderboard", help=COMMANDS["leaderboard"], description=COMMANDS["leaderboard"])
+    board.add_argument("--results", default="results", help="directory of result records (default results/)")
+    board.add_argument("--out", default="leaderboard", help="output directory (default leaderboard/)")
+
+    run = sub.add_parser("run", help=COMMANDS["run"], description=COMMANDS["run"] +
+                         ". Other options are dotted overrides for every experiment, e.g. --trainer.max_steps=100.")
+    run.add_argument("experiments", nargs="+", help="experiment or suite YAML files")
+    run.add_argument("--runs", help="directory of run directories (default: the suite's, else runs/)")
+    run.add_argument("--results", help="directory of result records (default: the suite's, else results/)")
+    run.add_argument("--leaderboard", help="leaderboard output directory (default: the suite's, else leaderboard/)")
+
+    aud = sub.add_parser("train-auditor", help=COMMANDS["train-auditor"], description=COMMANDS["train-auditor"])
+    aud.add_argument("--data", required=True, help="shard directory with labels")
+    aud.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
+    aud.add_argument("--out", help="checkpoint path (default: the cache, keyed by the manifest hash)")
+
+    sub.add_parser("fetch-weights", help=COMMANDS["fetch-weights"], description=COMMANDS["fetch-weights"])
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if argv[:1] == ["fit"]:
+        from pipeline.train import ConfigError, fit
+
+        try:
+            print(f"run directory: {fit(argv[1:])}")
+        except ConfigError as e:
+            return _fail(e)
+        except Exception as e:  # jsonargparse's errors name the bad key; show them without a traceback
+            if type(e).__name__ in ("ArgumentError", "NSKeyError"):
+                return _fail(e)
+            raise
+        return 0
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if extra and args.command != "run":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return COMMAND_FUNCS[args.command](args, extra)
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+        return _fail(e)
+
+
+def _fail(e: BaseException) -> int:
+    print(f"genbench: error: {e}", file=sys.stderr)
+    return 2
+
+
+def cmd_prepare(args, extra) -> int:
+    from pipeline.data.shards import write_shards, verify_shards
+    from pipeline.data.sources import open_source
+
+    if args.verify:
+        problems = verify_shards(args.verify)
+        for p in problems:
+            print(f"FAIL {p}")
+        print(f"{args.verify}: {'OK, every shard matches the manifest' if not problems else f'{len(problems)} problem(s)'}")
+        return 1 if problems else 0
+    if not args.source or not args.out:
+        print("genbench: error: prepare needs SOURCE and --out DIR (or --verify DIR)", file=sys.stderr)
+        return 2
+    source = open_source(args.source, root=args.root, download=args.download, label_attribute=args.label_attribute)
+    manifest = write_shards(source, args.out, val_fraction=args.val_fraction, seed=args.seed,
+                            shard_size=args.shard_size, image_size=args.image_size, overwrite=args.overwrite)
+    for split, info in manifest["splits"].items():
+        print(f"{split}: {info['num_samples']} images in {len(info['shards'])} shard(s), "
+              f"{info['image_size'][1]}x{info['image_size'][0]}x{info['channels']}")
+    print(f"wrote {args.out}/manifest.json")
+    return 0
+
+
+def cmd_benchmark(args, extra) -> int:
+    from pipeline.benchmark import ScoreOptions, benchmark_run
+
+    opts = ScoreOptions(batch_size=args.batch_size, inception_weights=args.inception_weights, auditor=args.auditor)
+    record = benchmark_run(args.run, num_samples=args.num_samples, seed=args.seed, results=args.results,
+                           opts=opts, metrics=args.metrics)
+    print(f"wrote {record}")
+    return 0
+
+
+def cmd_leaderboard(args, extra) -> int:
+    from pipeline import leaderboard
+
+    path = leaderboard.build(args.results, args.out)
+    if path is None:
+        print(f"genbench: error: no result records in {args.results}; run genbench benchmark first", file=sys.stderr)
+        return 1
+    print(f"leaderboard: {path}")
+    return 0
+
+
+def cmd_run(args, extra) -> int:
+    from pipeline.runner import run
+
+    board = run(args.experiments, extra, runs=args.runs, results=args.results, leaderboard_dir=args.leaderboard)
+    print(f"leaderboard: {board}")
+    return 0
+
+
+def cmd_train_auditor(args, extra) -> int:
+    from pathlib import Path
+
+    from pipeline.metrics.auditor import train_auditor
+
+    print(f"auditor: {train_auditor(args.data, epochs=args.epochs, out=Path(args.out) if args.out else None)}")
+    return 0
+
+
+def cmd_fetch_weights(args, extra) -> int:
+    from pipeline.metrics.features import fetch_inception_weights
+
+    print(f"InceptionV3 weights: {fetch_inception_weights()}")
+    return 0
+
+
+COMMAND_FUNCS = {"prepare": cmd_prepare, "benchmark": cmd_benchmark, "leaderboard": cmd_leaderboard, "run": cmd_run,
+                 "train-auditor": cmd_train_auditor, "fetch-weights": cmd_fetch_weights}
+
+if __name__ == "__main__":
+    sys.exit(main())

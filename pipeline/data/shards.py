@@ -1,0 +1,315 @@
+"""WebDataset shards on disk and their manifest.
+
+Layout of a shard directory::
+
+    train-000000.tar ...  val-000000.tar ...  manifest.json
+
+Inside a shard, sample ``000123`` is ``000123.png`` (lossless), ``000123.cls`` (class index, ASCII)
+and ``000123.json`` (attributes and source id): the WebDataset convention, so shards written by
+other tools load too. The key is the sample's index in its source, stable across re-sharding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tarfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.data.sources import Source
+from pipeline.io import atomic_write_json, sha256_file
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "genbench-shards/1"
+SPLITS = ("train", "val")
+
+
+class ShardError(RuntimeError):
+    """A shard that is missing, unreadable or does not match its manifest."""
+
+
+def parse_shard_size(text: str | int) -> tuple[int, int]:
+    """``"5000"`` -> at most 5000 samples; ``"64MB"``/``"1GiB"`` -> at most that many bytes. Returns (count, bytes)."""
+    if isinstance(text, int):
+        return text, 1 << 62
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?[bB]|[bB])?\s*", str(text))
+    if not m:
+        raise ValueError(f"--shard-size {text!r} is neither a sample count (5000) nor a size (64MB, 1GiB)")
+    number, unit = float(m.group(1)), m.group(2)
+    if unit is None:
+        if number < 1 or number != int(number):
+            raise ValueError(f"--shard-size {text!r}: a sample count must be a positive integer")
+        return int(number), 1 << 62
+    powers = {"b": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+    base = 1024 if "i" in unit.lower() else 1000
+    size = int(number * base ** powers[unit[0].lower()])
+    if size < 1024:
+        raise ValueError(f"--shard-size {text!r} is smaller than one tar block; use at least 1kB")
+    return 1 << 62, size
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Square resize with an antialiasing filter (Lanczos), keeping the channel count."""
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+    out = np.asarray(pil.resize((size, size), Image.Resampling.LANCZOS))
+    return out[:, :, None] if out.ndim == 2 else out
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """Deterministic train/val split: the same (n, fraction, seed) always gives the same split."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"--val-fraction {val_fraction} must be in [0, 1)")
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * val_fraction))
+    return {"train": order[n_val:], "val": order[:n_val]}
+
+
+def write_shards(source: Source, out: str | os.PathLike, val_fraction: float = 0.1, seed: int = 0,
+                 shard_size: str | int = 10000, image_size: Optional[int] = None,
+                 overwrite: bool = False, progress: bool = True) -> dict:
+    """Write ``source`` as train/val WebDataset shards + manifest.json into ``out``; returns the manifest.
+
+    Everything is written into a temporary sibling directory that is renamed to ``out`` at the end, so an
+    interrupted prepare never leaves a half-written dataset behind.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+    max_count, max_bytes = parse_shard_size(shard_size)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    manifest: dict = {
+        "format": MANIFEST_FORMAT,
+        "source": source.name,
+        "prepare": {"val_fraction": val_fraction, "seed": seed, "shard_size": str(shard_size), "image_size": image_size},
+        "class_names": list(source.class_names),
+        "attribute_names": list(source.attribute_names),
+        "splits": {},
+    }
+    try:
+        for split, indices in split_indices(len(source), val_fraction, seed).items():
+            if len(indices) == 0:
+                continue
+            manifest["splits"][split] = _write_split(source, indices, tmp, split, max_count, max_bytes,
+                                                     image_size, progress)
+        atomic_write_json(tmp / MANIFEST, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _write_split(source: Source, indices: np.ndarray, directory: Path, split: str, max_count: int,
+                 max_bytes: int, image_size: Optional[int], progress: bool) -> dict:
+    counts: Counter = Counter()
+    labels: Counter = Counter()
+    shape = None
+    writer, name = None, None
+    try:
+        for index in tqdm(indices, desc=f"prepare {split}", unit="img", disable=not progress):
+            sample = source[int(index)]
+            image = resize(sample.image, image_size) if image_size else sample.image
+            if shape is None:
+                shape = image.shape
+            elif image.shape != shape:
+                raise ValueError(
+                    f"sample {index} of {source.name} is {image.shape[1]}x{image.shape[0]}x{image.shape[2]} but the "
+                    f"first was {shape[1]}x{shape[0]}x{shape[2]}; pass --image-size to resize all images to one size"
+                )
+            record = {"__key__": f"{int(index):06d}", "png": encode_png(image),
+                      "json": json.dumps(sample.attributes, sort_keys=True).encode()}
+            if sample.label is not None:
+                record["cls"] = str(sample.label).encode()
+                labels[sample.label] += 1
+            # Rotate on the archive's real size (headers and padding included), which ShardWriter's
+            # payload-only byte count does not see.
+            if writer is None or counts[name] >= max_count or \
+                    writer.tarstream.offset + _tar_bytes(record) > max_bytes and counts[name] > 0:
+                if writer is not None:
+                    writer.close()
+                name = f"{split}-{len(counts):06d}.tar"
+                writer = wds.TarWriter(str(directory / name), mtime=0)  # fixed int mtime: same data, same sha256 (a float adds PAX headers)
+            writer.write(record)
+            counts[name] += 1
+    finally:
+        if writer is not None:
+            writer.close()
+    shards = [{"file": name, "num_samples": counts[name], "sha256": sha256_file(directory / name),
+               "bytes": (directory / name).stat().st_size} for name in sorted(counts)]
+    n_classes = max(labels) + 1 if labels else 0
+    return {
+        "num_samples": int(sum(counts.values())),
+        "image_size": [int(shape[0]), int(shape[1])],
+        "channels": int(shape[2]),
+        "label_histogram": [labels.get(c, 0) for c in range(n_classes)],
+        "shards": shards,
+    }
+
+
+def _tar_bytes(record: dict) -> int:
+    """Bytes a sample adds to a tar: a 512-byte header per entry plus its data padded to 512."""
+    return sum(512 + -(-len(v) // 512) * 512 for k, v in record.items() if not k.startswith("__"))
+
+
+def _image_shape(data: bytes) -> tuple[int, int, int] | None:
+    """(H, W, C) of an encoded image, or None if it does not decode (a corrupt sample is not a corrupt tar)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            arr = np.asarray(im)
+    except OSError:
+        return None
+    return arr.shape[0], arr.shape[1], 1 if arr.ndim == 2 else arr.shape[2]
+
+
+def count_tar_samples(path: str | os.PathLike) -> tuple[int, tuple[int, int, int] | None]:
+    """Count the samples (distinct keys) in a WebDataset tar and read the shape of its first image.
+
+    Raises ShardError naming the path if the tar is unreadable or truncated.
+    """
+    keys = set()
+    shape = None
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                key, _, ext = Path(member.name).name.partition(".")
+                keys.add(str(Path(member.name).parent / key))
+                if shape is None and ext.lower() in ("png", "jpg", "jpeg"):
+                    shape = _image_shape(tar.extractfile(member).read())
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ShardError(f"shard {path} is unreadable or truncated ({e}); recreate it with genbench prepare") from e
+    return len(keys), shape
+
+
+def load_manifest(directory: str | os.PathLike) -> dict:
+    """Read ``DIR/manifest.json``; for shards written by other tools (no manifest), index the tars found.
+
+    Checks that every shard file the manifest names exists, so a missing shard fails here with its path
+    rather than deep inside a worker.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ShardError(f"shard directory {directory} does not exist; create it with: genbench prepare digits --out {directory}")
+    path = directory / MANIFEST
+    if path.exists():
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ShardError(f"{path} is not valid JSON ({e}); recreate the shards with genbench prepare") from e
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise ShardError(f"{path} has format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    else:
+        manifest = index_foreign_shards(directory)
+    for split, info in manifest["splits"].items():
+        for shard in info["shards"]:
+            file = directory / shard["file"]
+            if not file.is_file():
+                raise ShardError(f"shard {file} listed in the manifest is missing; "
+                                 f"restore it or recreate the directory with genbench prepare")
+            # A truncated tar reads as a shorter archive without any error: compare sizes up front.
+            if shard.get("bytes") is not None and file.stat().st_size != shard["bytes"]:
+                raise ShardError(f"shard {file} is {file.stat().st_size} bytes but the manifest says {shard['bytes']}: "
+                                 f"truncated or replaced; check with genbench prepare --verify {directory}")
+    return manifest
+
+
+def index_foreign_shards(directory: Path) -> dict:
+    """Build an in-memory manifest for ``{train,val}-*.tar`` (or any ``*.tar`` as train) written by another tool."""
+    splits = {}
+    tars = sorted(directory.glob("*.tar"))
+    if not tars:
+        raise ShardError(f"{directory} has neither {MANIFEST} nor any .tar shard; create shards with genbench prepare")
+    for split in SPLITS:
+        files = [t for t in tars if t.name.startswith(f"{split}-")]
+        if split == "train" and not files:
+            files = [t for t in tars if not t.name.startswith("val-")]
+        if not files:
+            continue
+        shards, shape = [], None
+        for t in files:
+            n, s = count_tar_samples(t)
+            shape = shape or s
+            shards.append({"file": t.name, "num_samples": n, "sha256": None, "bytes": t.stat().st_size})
+        if shape is None:
+            raise ShardError(f"no PNG or JPEG image found in the shards {[t.name for t in files]} of {directory}")
+        splits[split] = {"num_samples": sum(s["num_samples"] for s in shards), "image_size": [shape[0], shape[1]],
+                         "channels": shape[2], "label_histogram": [], "shards": shards}
+    return {"format": MANIFEST_FORMAT, "source": f"foreign:{directory}", "prepare": None, "class_names": [],
+            "attribute_names": [], "splits": splits}
+
+
+def manifest_hash(manifest: dict) -> str:
+    """Identity of the data: the shard checksums, counts, classes and prepare settings, not the file's layout."""
+    canonical = json.dumps({k: manifest[k] for k in ("source", "prepare", "class_names", "splits")}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass
+class VerifyProblem:
+    shard: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.shard}: {self.problem}"
+
+
+def verify_shards(directory: str | os.PathLike, progress: bool = True) -> list[VerifyProblem]:
+    """Check every shard of a manifest: present, sha256 as recorded, sample count as recorded."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.exists():
+        return [VerifyProblem(str(path), "no manifest.json: not a directory written by genbench prepare")]
+    manifest = json.loads(path.read_text())
+    problems = []
+    shards = [s for info in manifest["splits"].values() for s in info["shards"]]
+    for shard in tqdm(shards, desc="verify", unit="shard", disable=not progress):
+        file = directory / shard["file"]
+        if not file.is_file():
+            problems.append(VerifyProblem(str(file), "missing"))
+            continue
+        digest = sha256_file(file)
+        if digest != shard["sha256"]:
+            problems.append(VerifyProblem(str(file), f"sha256 {digest[:12]}... differs from the manifest's {shard['sha256'][:12]}..."))
+        try:
+            n, _ = count_tar_samples(file)
+        except ShardError as e:
+            problems.append(VerifyProblem(str(file), str(e)))
+            continue
+        if n != shard["num_samples"]:
+            problems.append(VerifyProblem(str(file), f"holds {n} samples, the manifest says {shard['num_samples']}"))
+    return problems
+
+
+def shard_paths(directory: str | os.PathLike, manifest: dict, split: str) -> list[str]:
+    if split not in manifest["splits"]:
+        raise ShardError(f"{directory} has no {split!r} split (it has {sorted(manifest['splits'])})")
+    return [str(Path(directory) / s["file"]) for s in manifest["splits"][split]["shards"]]
+
+
+def iter_samples(paths: Iterable[str]):
+    """Decode-free iteration over raw samples of the given tars (keys grouped WebDataset-style)."""
+    return wds.tarfile_samples([{"url": p} for p in paths])

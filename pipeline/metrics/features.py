@@ -1,0 +1,109 @@
+"""Feature extractors for the metrics, and the offline resolution of their weights.
+
+InceptionV3 is torch-fidelity's ``inception-v3-compat`` (the TF-compatible port, so FID matches
+published numbers). Its weights are resolved from an explicit path, then the torch hub cache, then a
+download; offline, the error names the missing file and the command that fetches it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+
+from pipeline.io import sha256_file
+
+INCEPTION_NAME = "inception-v3-compat"
+INCEPTION_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]
+INCEPTION_FEATURES = "2048"
+INCEPTION_RESIZE = "tf1-bilinear-299"  # torch-fidelity resizes every input to 299x299 as TF 1.x did
+
+
+class WeightsUnavailable(FileNotFoundError):
+    """Weights that are neither at the given path, nor cached, nor downloadable."""
+
+
+def inception_cache_path() -> Path:
+    """Where torch.hub (and so torch-fidelity) keeps the InceptionV3 weights."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+
+
+def fetch_inception_weights(progress: bool = True) -> Path:
+    """Download the weights into the torch hub cache (``genbench fetch-weights``)."""
+    path = inception_cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.hub.download_url_to_file(URL_INCEPTION_V3, str(path), progress=progress)  # writes a temp file, then moves
+    return path
+
+
+def resolve_inception_weights(explicit: Optional[str] = None, download: bool = True) -> Path:
+    """Explicit path, then the torch hub cache, then a download; else WeightsUnavailable saying what to do."""
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise WeightsUnavailable(f"--inception-weights {path} does not exist; pass the path of "
+                                     f"{INCEPTION_FILE}, or omit the option to use {inception_cache_path()}")
+        return path
+    cached = inception_cache_path()
+    if cached.is_file():
+        return cached
+    error = "downloads disabled"
+    if download and os.environ.get("GENBENCH_OFFLINE", "0") != "1":
+        try:
+            return fetch_inception_weights(progress=False)
+        except Exception as e:  # no network on compute nodes is the normal case, not a crash
+            error = f"{type(e).__name__}: {e}"
+    raise WeightsUnavailable(
+        f"InceptionV3 weights {INCEPTION_FILE} not found: no --inception-weights given, {cached} does not exist, "
+        f"and the download failed ({error}). On a machine with internet run `genbench fetch-weights` "
+        f"(it writes {cached}; copy it to the same path here), or pass --inception-weights PATH."
+    )
+
+
+@lru_cache(maxsize=4)
+def weights_sha256(path: str) -> str:
+    return sha256_file(path)
+
+
+@contextlib.contextmanager
+def strict_fp32(enabled: bool = True) -> Iterator[None]:
+    """TF32 off while extracting features, so a number does not depend on the GPU generation."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    if enabled:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+class InceptionFeatures(nn.Module):
+    """uint8 N x C x H x W (C = 1 or 3, any size) -> 2048 pool3 features of torch-fidelity's InceptionV3."""
+
+    num_features = 2048
+    name = INCEPTION_NAME
+
+    def __init__(self, weights: str | os.PathLike) -> None:
+        super().__init__()
+        self.weights_path = str(weights)
+        self.extractor = FeatureExtractorInceptionV3(INCEPTION_NAME, [INCEPTION_FEATURES],
+                                                     feature_extractor_weights_path=self.weights_path)
+
+    @property
+    def weights_sha256(self) -> str:
+        return weights_sha256(self.weights_path)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise TypeError(f"InceptionFeatures takes uint8 images, got {images.dtype}")
+        if images.shape[1] == 1:  # grayscale: the same intensity in R, G and B
+            images = images.expand(-1, 3, -1, -1)
+        return self.extractor(images)[0]

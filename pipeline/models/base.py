@@ -1,0 +1,160 @@
+"""GenerativeModule: the one interface every family implements.
+
+The benchmark, data and CLI code only ever call what is defined here: ``training_step`` (Lightning),
+``sample`` and ``cost``. Families differ inside their module, never outside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Optional, Sequence
+
+import torch
+from pytorch_lightning import LightningModule
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks.weight_averaging import EMAWeightAveraging
+
+from pipeline.data.datamodule import to_uint8
+from pipeline.registry import Registry
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample ``index`` of a draw with ``seed``: independent of batch, device and rank."""
+    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class PerSampleNoise:
+    """One CPU generator per sample, so sample i gets the same noise whatever batch it is drawn in."""
+
+    def __init__(self, seed: int, indices: Sequence[int], device: torch.device) -> None:
+        self.generators = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in indices]
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.stack([torch.randn(shape, generator=g) for g in self.generators]).to(self.device)
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        return torch.stack([torch.rand(shape, generator=g) for g in self.generators]).to(self.device)
+
+
+class GenerativeModule(LightningModule):
+    """Base of every family.
+
+    Args:
+        image_size: height = width of the images in pixels; must match the shards.
+        channels: image channels (1 grayscale, 3 RGB); must match the shards.
+        num_classes: None for an unconditional model, else the number of classes it is conditioned on.
+        lr: learning rate of the optimizer.
+        ema_decay: decay of the exponential moving average of the weights used for sampling and
+            stored in checkpoints; None disables the average.
+        sample_every_n_steps: save (and log) a sample grid every this many optimizer steps; 0 only at the end.
+        compile: wrap the network in torch.compile.
+    """
+
+    family = "base"
+
+    def __init__(self, image_size: int = 32, channels: int = 3, num_classes: Optional[int] = None,
+                 lr: float = 2e-4, ema_decay: Optional[float] = 0.999, sample_every_n_steps: int = 500,
+                 compile: bool = False) -> None:
+        super().__init__()
+        if image_size < 4:
+            raise ValueError(f"model.image_size={image_size} is too small; use at least 4")
+        if channels not in (1, 3):
+            raise ValueError(f"model.channels={channels}: only 1 (grayscale) or 3 (RGB) channels are supported")
+        if num_classes is not None and num_classes < 2:
+            raise ValueError(f"model.num_classes={num_classes}: use None for unconditional, or at least 2 classes")
+        self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
+        self.lr = lr
+        self.ema_decay = ema_decay
+        self.sample_every_n_steps = sample_every_n_steps
+        self.compile_network = compile
+        self.images_seen = 0
+        self.last_bits_per_dim: Optional[float] = None
+
+    # -- what every family implements ----------------------------------------------------------
+    def generate(self, noise: PerSampleNoise, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        """Float images in [-1, 1], N x C x H x W, drawing all randomness from ``noise``."""
+        raise NotImplementedError
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per sample."""
+        return 1
+
+    # -- the common interface -----------------------------------------------------------------
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes is not None
+
+    def default_labels(self, n: int, first_index: int = 0) -> Optional[torch.Tensor]:
+        """Balanced labels for a conditional draw: sample i asks for class i mod K."""
+        if not self.conditional:
+            return None
+        return torch.arange(first_index, first_index + n) % self.num_classes
+
+    @torch.no_grad()
+    def sample(self, n: int, labels: Optional[torch.Tensor] = None, seed: int = 0, first_index: int = 0,
+               batch_size: int = 256) -> torch.Tensor:
+        """``n`` samples as uint8 N x C x H x W; sample i depends only on (seed, first_index + i, label)."""
+        if labels is None:
+            labels = self.default_labels(n, first_index)
+        elif not self.conditional:
+            raise ValueError(f"this {self.family} model is unconditional (num_classes=None) but labels were given")
+        elif len(labels) != n:
+            raise ValueError(f"got {len(labels)} labels for {n} samples")
+        was_training = self.training
+        self.eval()
+        out = []
+        try:
+            for start in range(0, n, batch_size):
+                stop = min(n, start + batch_size)
+                noise = PerSampleNoise(seed, range(first_index + start, first_index + stop), self.device)
+                y = labels[start:stop].to(self.device) if labels is not None else None
+                out.append(to_uint8(self.generate(noise, y)).cpu())
+        finally:
+            self.train(was_training)
+        return torch.cat(out) if out else torch.empty(0, self.channels, self.image_size, self.image_size,
+                                                      dtype=torch.uint8)
+
+    def cost(self) -> dict[str, Any]:
+        """Cost figures for the leaderboard: parameters, network evaluations per sample, likelihood."""
+        return {"parameters": sum(p.numel() for p in self.parameters()), "nfe": self.nfe,
+                "bits_per_dim": self.last_bits_per_dim, "images_seen": self.images_seen}
+
+    # -- guards and bookkeeping -----------------------------------------------------------------
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """Stop with the step number rather than train on NaN/inf and produce silent garbage."""
+        if not torch.isfinite(loss).all():
+            raise FloatingPointError(
+                f"non-finite {self.family} loss ({loss.detach().float().cpu().tolist()}) at global step "
+                f"{self.global_step}; lower model.init_args.lr or set trainer.gradient_clip_val")
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.images_seen += len(batch["image"]) * self.trainer.world_size
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["genbench"] = {"images_seen": self.images_seen, "last_bits_per_dim": self.last_bits_per_dim,
+                                  "family": self.family}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("genbench", {})
+        self.images_seen = state.get("images_seen", 0)
+        self.last_bits_per_dim = state.get("last_bits_per_dim")
+
+    def configure_callbacks(self) -> list[Callback]:
+        from pipeline.models.grids import SampleGrids
+
+        callbacks: list[Callback] = [SampleGrids(self.sample_every_n_steps)]
+        if self.ema_decay is not None:
+            callbacks.append(EMAWeightAveraging(decay=self.ema_decay))
+        return callbacks
+
+    def maybe_compile(self, module: torch.nn.Module) -> torch.nn.Module:
+        return torch.compile(module) if self.compile_network else module
+
+
+FAMILIES: Registry[GenerativeModule] = Registry("model family", GenerativeModule)

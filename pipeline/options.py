@@ -1,0 +1,83 @@
+"""Option groups that an experiment YAML holds beside LightningCLI's model/data/trainer sections.
+
+Each is a dataclass so that jsonargparse validates it (an unknown key fails with its name) and
+``genbench fit --help`` documents it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class RunOptions:
+    """Where the run lives.
+
+    Args:
+        name: run name; the run directory is ``<root>/<name>-<first 8 hex of the config hash>``.
+        root: directory holding all run directories.
+        id: explicit run id (directory name), instead of name + config hash.
+    """
+
+    name: str = "run"
+    root: str = "runs"
+    id: Optional[str] = None
+
+
+@dataclass
+class PrepareOptions:
+    """How the shards named by ``data.init_args.shards`` are made when they do not exist yet
+    (``genbench prepare`` with these options).
+
+    Args:
+        source: ``digits``, ``folder:PATH`` or ``torchvision:NAME``.
+        val_fraction: fraction of the samples held out as the validation split.
+        seed: seed of the train/val split.
+        shard_size: samples per shard (``5000``) or bytes per shard (``64MB``).
+        image_size: resize images to this square size (pixels); None keeps the source's size.
+        root: local root of a torchvision dataset.
+    """
+
+    source: Optional[str] = None
+    val_fraction: float = 0.1
+    seed: int = 0
+    shard_size: str = "10000"
+    image_size: Optional[int] = None
+    root: str = "data/torchvision"
+
+
+@dataclass
+class BenchmarkOptions:
+    """Defaults of ``genbench benchmark`` for this run.
+
+    Args:
+        num_samples: generated images scored against the reference (50000 for paper numbers).
+        seed: seed of the generated images.
+        batch_size: images per batch when sampling and extracting features.
+        metrics: comma-separated subset of fid,fd_auditor,audit.
+        inception_weights: explicit path of torch-fidelity's InceptionV3 weights (else the torch hub cache).
+        auditor_epochs: training epochs of the auditor classifier when it is not cached yet.
+        results: directory of the result records.
+    """
+
+    num_samples: int = 50000
+    seed: int = 0
+    batch_size: int = 250
+    metrics: str = "fid,fd_auditor,audit"
+    inception_weights: Optional[str] = None
+    auditor_epochs: int = 10
+    results: str = "results"
+
+
+@dataclass
+class TrackingOptions:
+    """Experiment tracking.
+
+    Args:
+        wandb: log to Weights & Biases (offline unless an API key is configured or WANDB_MODE says otherwise).
+        project: W&B project name.
+    """
+
+    wandb: bool = True
+    project: str = "genbench"

@@ -1,0 +1,137 @@
+"""run.json: everything needed to trace a run's numbers back to its config, code, data and machine."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from pytorch_lightning import Callback, LightningModule, Trainer
+from pytorch_lightning.utilities import rank_zero_only
+
+from pipeline.io import atomic_write_json
+
+PACKAGES = ("genbench", "torch", "torchvision", "pytorch-lightning", "torchmetrics", "torch-fidelity",
+            "webdataset", "wandb", "numpy", "scipy", "scikit-learn", "jsonargparse")
+SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NODELIST", "SLURM_NNODES",
+              "SLURM_NTASKS", "SLURM_RESTART_COUNT")
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def git_state(path: Optional[Path] = None) -> dict[str, Any]:
+    """Commit and dirty flag of the genbench checkout (None outside a git checkout, e.g. a wheel install)."""
+    path = path or Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+        return {"commit": commit, "dirty": bool(status.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def package_versions() -> dict[str, Optional[str]]:
+    versions: dict[str, Optional[str]] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def hardware() -> dict[str, Any]:
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {"host": platform.node(), "platform": platform.platform(), "cpu_count": os.cpu_count(), "gpus": gpus,
+            "slurm": {k: os.environ[k] for k in SLURM_VARS if k in os.environ} or None}
+
+
+def describe_environment() -> dict[str, Any]:
+    """The code and machine half of provenance, shared by run.json and result records."""
+    return {"git": git_state(), "packages": package_versions(), "hardware": hardware()}
+
+
+class ProvenanceCallback(Callback):
+    """Writes run.json at the start of fit and completes it at the end (or on failure)."""
+
+    def __init__(self, run_dir: Path, config, config_hash: str, config_yaml: str) -> None:
+        self.run_dir = Path(run_dir)
+        self.config_hash = config_hash
+        self.seed = config.seed_everything
+        self.shards = str(config.data.init_args.shards)
+        self.record: dict[str, Any] = {}
+        self._t0 = 0.0
+
+    def _devices(self, trainer: Trainer) -> int:
+        return trainer.world_size
+
+    @rank_zero_only
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from pipeline.data.shards import load_manifest, manifest_hash
+
+        self._t0 = time.time()
+        previous = self._read()
+        self.record = {
+            "run_id": self.run_dir.name,
+            "status": "running",
+            "family": getattr(pl_module, "family", type(pl_module).__name__),
+            "model_class": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
+            "config_hash": self.config_hash,
+            "seed": self.seed,
+            "data": {"shards": self.shards, "manifest_hash": manifest_hash(load_manifest(self.shards))},
+            **describe_environment(),
+            "world_size": trainer.world_size,
+            "num_nodes": trainer.num_nodes,
+            "precision": str(trainer.precision),
+            "accelerator": type(trainer.accelerator).__name__,
+            "start_time": previous.get("start_time", now()),
+            "attempts": previous.get("attempts", 0) + 1,
+            "wall_time_s": previous.get("wall_time_s", 0.0),
+            "device_hours": previous.get("device_hours", 0.0),
+            "images_seen": pl_module.images_seen,
+        }
+        atomic_write_json(self.run_dir / "run.json", self.record)
+
+    def _read(self) -> dict[str, Any]:
+        path = self.run_dir / "run.json"
+        try:
+            return json.loads(path.read_text()) if path.exists() else {}
+        except json.JSONDecodeError:
+            return {}
+
+    def _finish(self, trainer: Trainer, pl_module: LightningModule, status: str, error: Optional[str] = None) -> None:
+        if not self.record:
+            return
+        elapsed = time.time() - self._t0
+        self.record.update({
+            "status": status,
+            "end_time": now(),
+            "wall_time_s": round(self.record["wall_time_s"] + elapsed, 3),
+            # Devices x hours: GPU-hours on GPUs, CPU-process-hours otherwise.
+            "device_hours": round(self.record["device_hours"] + elapsed * trainer.world_size / 3600, 6),
+            "global_step": trainer.global_step,
+            "images_seen": pl_module.images_seen,
+            "cost": pl_module.cost() if hasattr(pl_module, "cost") else None,
+        })
+        if error:
+            self.record["error"] = error
+        atomic_write_json(self.run_dir / "run.json", self.record)
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._finish(trainer, pl_module, "interrupted" if trainer.interrupted else "finished")
+
+    @rank_zero_only
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._finish(trainer, pl_module, "failed", f"{type(exception).__name__}: {exception}")

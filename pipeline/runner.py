@@ -1,0 +1,106 @@
+"""``genbench run``: prepare -> fit -> benchmark -> leaderboard for one or many experiments.
+
+Every experiment is parsed and validated first, so a bad key in the third experiment stops the
+command before the first one trains. Training runs in a child ``genbench fit`` process (so a
+multi-device config can start its DDP workers exactly as ``genbench fit`` does); a run whose run.json
+says it finished with the same config is not trained again, and a crashed one resumes from last.ckpt.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from jsonargparse import ArgumentParser
+
+from pipeline import leaderboard
+from pipeline.benchmark import ScoreOptions, benchmark_run
+from pipeline.train import DryRun, config_hash, resolve
+
+
+@dataclass
+class Suite:
+    """A suite of experiments run and ranked together.
+
+    Args:
+        experiments: experiment YAML files, relative to the suite file.
+        overrides: dotted overrides applied to every experiment, e.g. ``--trainer.max_steps=100``.
+        runs: directory of the run directories.
+        results: directory of the result records.
+        leaderboard: directory the leaderboard is written to.
+    """
+
+    experiments: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)
+    runs: str = "runs"
+    results: str = "results"
+    leaderboard: str = "leaderboard"
+
+
+def load_suite(path: Path) -> Suite:
+    """A file with a top-level ``experiments`` key is a suite; any other file is a single experiment."""
+    data = yaml.safe_load(path.read_text()) if path.exists() else None
+    if data is None and not path.exists():
+        raise FileNotFoundError(f"experiment file {path} does not exist")
+    if not isinstance(data, dict) or "experiments" not in data:
+        return Suite(experiments=[str(path)])
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(Suite)
+    cfg = parser.parse_path(str(path))
+    experiments = [str((path.parent / e)) for e in cfg.experiments]
+    if not experiments:
+        raise ValueError(f"{path}: `experiments` is empty; list the experiment files to run")
+    return Suite(experiments=experiments, overrides=list(cfg.overrides), runs=cfg.runs, results=cfg.results,
+                 leaderboard=cfg.leaderboard)
+
+
+def _finished(run_dir: Path, chash: str) -> bool:
+    path = run_dir / "run.json"
+    if not path.exists():
+        return False
+    info = json.loads(path.read_text())
+    return info.get("status") == "finished" and info.get("config_hash") == chash
+
+
+def run(paths: list[str], overrides: list[str], runs: Optional[str] = None, results: Optional[str] = None,
+        leaderboard_dir: Optional[str] = None, progress: bool = True) -> Optional[Path]:
+    jobs = []
+    suite_results, suite_board = results, leaderboard_dir
+    for p in paths:
+        suite = load_suite(Path(p))
+        root = runs or suite.runs
+        res = results or suite.results
+        suite_results, suite_board = res, leaderboard_dir or suite.leaderboard
+        for exp in suite.experiments:
+            args = ["--config", exp, *suite.overrides, *overrides, f"--run.root={root}", f"--benchmark.results={res}"]
+            resolved: DryRun = resolve(args)  # validates now: nothing runs if any experiment is malformed
+            chash = config_hash(_namespace(resolved.config_yaml))
+            jobs.append((exp, args, resolved.run_dir, chash, res))
+    print(f"genbench run: {len(jobs)} experiment(s) validated", flush=True)
+
+    for exp, args, run_dir, chash, _ in jobs:
+        if _finished(run_dir, chash):
+            print(f"[fit] {run_dir} already finished; not training again", flush=True)
+            continue
+        print(f"[fit] {exp} -> {run_dir}", flush=True)
+        subprocess.run([sys.executable, "-m", "pipeline.cli", "fit", *args], check=True)
+
+    for exp, args, run_dir, chash, res in jobs:
+        print(f"[benchmark] {run_dir}", flush=True)
+        record = benchmark_run(run_dir, results=res, opts=ScoreOptions(progress=progress))
+        print(f"[benchmark] wrote {record}", flush=True)
+
+    board = leaderboard.build(suite_results, suite_board)
+    print(f"[leaderboard] {board}", flush=True)
+    return board
+
+
+def _namespace(config_yaml: str):
+    from jsonargparse import Namespace, dict_to_namespace
+
+    return dict_to_namespace(yaml.safe_load(config_yaml)) if config_yaml else Namespace()

@@ -1,0 +1,200 @@
+"""``genbench fit``: LightningCLI over the model families and the ShardDataModule.
+
+The experiment YAML is a LightningCLI config (``model``/``data`` by ``class_path`` + ``init_args``,
+``trainer``, ``seed_everything``) plus genbench's own groups (``run``, ``prepare``, ``benchmark``,
+``tracking``). Everything is validated before any work; the resolved config is written to the run
+directory together with run.json (provenance), the checkpoints, sample grids and tracking logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from jsonargparse import Namespace
+from pytorch_lightning import Trainer
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
+
+from pipeline.data.datamodule import ShardDataModule
+from pipeline.data.shards import MANIFEST, load_manifest
+from pipeline.io import atomic_write_text
+from pipeline.models.base import GenerativeModule
+from pipeline.options import BenchmarkOptions, PrepareOptions, RunOptions, TrackingOptions
+from pipeline.provenance import ProvenanceCallback
+
+# Groups that do not change what is trained: excluded from the config hash that names the run.
+NON_TRAINING_GROUPS = ("run", "benchmark", "tracking", "dry_run", "config")
+
+
+class DryRun(Exception):
+    """Raised after ``--dry-run`` has printed the resolved config."""
+
+    def __init__(self, config_yaml: str, run_dir: Path) -> None:
+        super().__init__(str(run_dir))
+        self.config_yaml, self.run_dir = config_yaml, run_dir
+
+
+class ConfigError(ValueError):
+    """A config that does not fit the data, found before any work."""
+
+
+def config_hash(config: Namespace) -> str:
+    data = {k: v for k, v in config.as_dict().items() if k not in NON_TRAINING_GROUPS}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_directory(config: Namespace) -> Path:
+    run = config.run
+    return Path(run.root) / (run.id or f"{run.name}-{config_hash(config)[:8]}")
+
+
+def wandb_mode() -> str:
+    """online if the user configured W&B (API key or ``wandb login``), else offline; WANDB_MODE overrides."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    netrc = Path.home() / ".netrc"
+    if os.environ.get("WANDB_API_KEY") or (netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")):
+        return "online"
+    return "offline"
+
+
+def _rank_from_env() -> int:
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def ensure_shards(data_config: Namespace, prepare: Namespace) -> None:
+    """Write the shards the config names if they do not exist and the config says how (its ``prepare`` group)."""
+    shards = Path(data_config.init_args.shards)
+    if (shards / MANIFEST).exists() or (shards.is_dir() and any(shards.glob("*.tar"))):
+        return
+    if prepare.source is None:
+        raise ConfigError(f"data.init_args.shards={shards} does not exist and the config has no prepare.source; "
+                          f"create the shards with genbench prepare SOURCE --out {shards}")
+    if _rank_from_env() != 0:  # another rank of the same job is preparing them
+        deadline = time.time() + 1800
+        while not (shards / MANIFEST).exists():
+            if time.time() > deadline:
+                raise ConfigError(f"waited 30 minutes for rank 0 to prepare {shards}")
+            time.sleep(2)
+        return
+    from pipeline.data.shards import write_shards
+    from pipeline.data.sources import open_source
+
+    write_shards(open_source(prepare.source, root=prepare.root), shards, val_fraction=prepare.val_fraction,
+                 seed=prepare.seed, shard_size=prepare.shard_size, image_size=prepare.image_size)
+
+
+def check_model_fits_data(config: Namespace) -> None:
+    """Image size, channels and classes of the model against the shards' manifest, with the fix."""
+    model = config.model.init_args
+    manifest = load_manifest(config.data.init_args.shards)
+    train = manifest["splits"].get("train")
+    if train is None:
+        raise ConfigError(f"{config.data.init_args.shards} has no train split")
+    h, w = train["image_size"]
+    if (model.image_size, model.image_size) != (h, w):
+        raise ConfigError(f"model.init_args.image_size={model.image_size} but the shards in "
+                          f"{config.data.init_args.shards} hold {w}x{h} images; set image_size: {h} or re-prepare "
+                          f"with --image-size {model.image_size}")
+    if model.channels != train["channels"]:
+        raise ConfigError(f"model.init_args.channels={model.channels} but the shards hold {train['channels']}-channel "
+                          f"images; set channels: {train['channels']}")
+    n_classes = len(manifest["class_names"]) or len(train["label_histogram"])
+    if model.num_classes is not None and model.num_classes != n_classes:
+        raise ConfigError(f"model.init_args.num_classes={model.num_classes} but the shards have {n_classes} classes"
+                          + ("" if n_classes else " (no labels)") + f"; set num_classes: {n_classes or 'null'}")
+
+
+class GenbenchCLI(LightningCLI):
+    def __init__(self, args: Optional[list[str]] = None, instantiate: bool = True) -> None:
+        self._instantiate = instantiate
+        self.run_dir: Optional[Path] = None
+        super().__init__(
+            GenerativeModule, ShardDataModule, subclass_mode_model=True, subclass_mode_data=True,
+            save_config_callback=None, run=False, args=args, auto_configure_optimizers=False,
+            seed_everything_default=0, parser_kwargs={"exit_on_error": False, "prog": "genbench fit",
+                                                       "description": __doc__},
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_class_arguments(RunOptions, "run")
+        parser.add_class_arguments(PrepareOptions, "prepare")
+        parser.add_class_arguments(BenchmarkOptions, "benchmark")
+        parser.add_class_arguments(TrackingOptions, "tracking")
+        parser.add_argument("--dry-run", action="store_true", help="print the resolved config and the run directory, then exit")
+        # Data order is a function of the experiment seed: not set separately.
+        parser.link_arguments("seed_everything", "data.init_args.seed")
+
+    def before_instantiate_classes(self) -> None:
+        self.run_dir = run_directory(self.config)
+        if self.config.dry_run or not self._instantiate:
+            raise DryRun(self.parser.dump(self.config, skip_none=False), self.run_dir)
+        ensure_shards(self.config.data, self.config.prepare)
+        check_model_fits_data(self.config)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        run_dir = self.run_dir
+        assert run_dir is not None
+        config_yaml = self.parser.dump(self.config, skip_none=False)
+        chash = config_hash(self.config)
+        if _rank_from_env() == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "config.yaml", config_yaml)
+        loggers: list = [CSVLogger(str(run_dir), name="logs", version="")]
+        mode = wandb_mode()
+        if self.config.tracking.wandb and mode != "disabled":
+            wandb_id = _wandb_id(run_dir, chash)
+            loggers.append(WandbLogger(project=self.config.tracking.project, name=run_dir.name, id=wandb_id,
+                                       save_dir=str(run_dir), offline=(mode == "offline"), resume="allow"))
+        extra = [ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
+                                 every_n_train_steps=None),
+                 ProvenanceCallback(run_dir, self.config, chash, config_yaml)]
+        user_callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        if not isinstance(user_callbacks, list):
+            user_callbacks = [user_callbacks]
+        # The run directory, loggers and checkpointing are genbench's; the rest of the trainer is the config's.
+        return super().instantiate_trainer(default_root_dir=str(run_dir), logger=loggers,
+                                           callbacks=list(user_callbacks) + extra, **kwargs)
+
+
+def _wandb_id(run_dir: Path, chash: str) -> str:
+    """The W&B run id lives in the run directory, so a resumed run continues the same W&B run."""
+    path = run_dir / "wandb_id"
+    if path.exists():
+        return path.read_text().strip()
+    wandb_id = f"{run_dir.name}-{chash[:6]}".replace("/", "-")[:64]
+    if _rank_from_env() == 0:
+        atomic_write_text(path, wandb_id + "\n")
+    return wandb_id
+
+
+def last_checkpoint(run_dir: Path) -> Optional[Path]:
+    path = run_dir / "checkpoints" / "last.ckpt"
+    return path if path.exists() else None
+
+
+def fit(args: list[str]) -> Path:
+    """Parse, validate, train; resumes from the run's last.ckpt when one exists. Returns the run directory."""
+    cli = GenbenchCLI(args)
+    assert cli.run_dir is not None
+    ckpt = last_checkpoint(cli.run_dir)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    return cli.run_dir
+
+
+def resolve(args: list[str]) -> DryRun:
+    """Parse and validate an experiment without doing any work: its resolved config and run directory."""
+    try:
+        GenbenchCLI(args, instantiate=False)
+    except DryRun as d:
+        return d
+    raise AssertionError("unreachable: GenbenchCLI(instantiate=False) always raises DryRun")

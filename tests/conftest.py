@@ -1,0 +1,65 @@
+"""Shared fixtures: real shards on disk, an isolated cache, and a test-built InceptionV3 weight file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path_factory, monkeypatch):
+    """Every test gets its own cache; nothing reaches the network; W&B runs offline for real."""
+    monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setenv("GENBENCH_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> Path:
+    """The embedded digits as shards of 400 samples (5 train shards, 1 val shard)."""
+    from pipeline.data.shards import write_shards
+    from pipeline.data.sources import DigitsSource
+
+    out = tmp_path_factory.mktemp("shards") / "digits"
+    write_shards(DigitsSource(), out, val_fraction=0.1, seed=0, shard_size=400, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory) -> Path:
+    """A weight file for torch-fidelity's InceptionV3 architecture, built here (no download possible).
+
+    Random weights alone give near-identical features for all images; a few forward passes in training
+    mode set the batch-norm statistics so that features differ between images.
+    """
+    from unittest import mock
+
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    torch.manual_seed(0)
+    # Only the weight *loading* is bypassed, to get the untrained architecture to build a file from.
+    with mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None), \
+            mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: {}):
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8))
+    path = tmp_path_factory.mktemp("weights") / "inception-test.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def genbench(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the real console entry point in a child process."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)

@@ -1,0 +1,166 @@
+"""Shards on disk: round trip, manifest, verification, foreign shards and sources."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data.datamodule import ShardDataModule
+from pipeline.data.shards import (ShardError, load_manifest, parse_shard_size, split_indices, verify_shards,
+                                  write_shards)
+from pipeline.data.sources import DigitsSource, FolderSource, SourceError, open_source
+from pipeline.io import sha256_file
+
+
+def _read_all(shards, split):
+    dm = ShardDataModule(str(shards), batch_size=64, num_workers=0, shuffle_buffer=0)
+    out = {}
+    for batch in dm.stream(split, False, 64):
+        for key, image, label in zip(batch["key"], batch["image"], batch["label"]):
+            out[key] = (image.permute(1, 2, 0).numpy(), int(label))
+    return out
+
+
+def test_round_trip_images_labels_attributes(digits_shards):
+    source = DigitsSource()
+    manifest = load_manifest(digits_shards)
+    seen = {}
+    for split in ("train", "val"):
+        seen.update(_read_all(digits_shards, split))
+    assert len(seen) == len(source) == 1797
+    for key, (image, label) in seen.items():
+        original = source[int(key)]
+        np.testing.assert_array_equal(image, original.image)
+        assert label == original.label
+    # attributes travel in the .json entry
+    with tarfile.open(digits_shards / manifest["splits"]["val"]["shards"][0]["file"]) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".json"))
+        attrs = json.loads(tar.extractfile(member).read())
+        assert attrs == {"source_id": f"digits:{int(member.name.split('.')[0])}"}
+
+
+def test_manifest_counts_checksums_and_histogram(digits_shards):
+    manifest = load_manifest(digits_shards)
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    assert (train["num_samples"], val["num_samples"]) == (1617, 180)
+    assert [s["num_samples"] for s in train["shards"]] == [400, 400, 400, 400, 17]
+    assert train["image_size"] == [8, 8] and train["channels"] == 1
+    assert sum(train["label_histogram"]) + sum(val["label_histogram"]) == 1797
+    labels = DigitsSource().labels
+    assert np.array_equal(np.array(train["label_histogram"]) + val["label_histogram"], np.bincount(labels))
+    for s in train["shards"]:
+        assert s["sha256"] == sha256_file(digits_shards / s["file"])
+    assert manifest["class_names"] == [str(i) for i in range(10)]
+
+
+def test_split_is_deterministic_and_disjoint():
+    a, b = split_indices(1797, 0.1, 7), split_indices(1797, 0.1, 7)
+    assert np.array_equal(a["val"], b["val"]) and np.array_equal(a["train"], b["train"])
+    assert not set(a["val"]) & set(a["train"]) and len(a["val"]) + len(a["train"]) == 1797
+    assert not np.array_equal(split_indices(1797, 0.1, 8)["val"], a["val"])
+
+
+def test_shard_size_in_samples_or_bytes(tmp_path):
+    assert parse_shard_size("5000") == (5000, 1 << 62)
+    assert parse_shard_size("64MB") == (1 << 62, 64_000_000)
+    assert parse_shard_size("1GiB") == (1 << 62, 1 << 30)
+    with pytest.raises(ValueError, match="shard-size"):
+        parse_shard_size("lots")
+    manifest = write_shards(DigitsSource(), tmp_path / "by-bytes", shard_size="40kB", progress=False)
+    shards = manifest["splits"]["train"]["shards"]
+    assert len(shards) > 2 and all(s["bytes"] <= 40_000 + 10_240 for s in shards)  # + end-of-archive record padding
+
+
+def test_verify_reports_tampered_and_missing_shards(tmp_path):
+    out = tmp_path / "d"
+    write_shards(DigitsSource(), out, shard_size=500, progress=False)
+    assert verify_shards(out, progress=False) == []
+    data = (out / "train-000001.tar").read_bytes()
+    (out / "train-000001.tar").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    (out / "train-000002.tar").unlink()
+    problems = {p.shard.rsplit("/", 1)[-1]: p.problem for p in verify_shards(out, progress=False)}
+    assert set(problems) == {"train-000001.tar", "train-000002.tar"}
+    assert "sha256" in problems["train-000001.tar"] and problems["train-000002.tar"] == "missing"
+    with pytest.raises(ShardError, match="train-000002.tar"):
+        load_manifest(out)
+
+
+def test_prepare_refuses_to_overwrite_and_leaves_no_partial_directory(tmp_path):
+    out = tmp_path / "d"
+    write_shards(DigitsSource(), out, progress=False)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        write_shards(DigitsSource(), out, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["d"]
+
+
+def _png(array):
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_hand_written_tarfile_shard_is_read(tmp_path):
+    """A shard written with Python's tarfile in the WebDataset convention, no manifest, loads."""
+    rng = np.random.default_rng(0)
+    images = {f"{i:06d}": rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for i in range(10)}
+    with tarfile.open(tmp_path / "train-000000.tar", "w") as tar:
+        for i, (key, img) in enumerate(images.items()):
+            _add(tar, f"{key}.png", _png(img))
+            _add(tar, f"{key}.cls", str(i % 3).encode())
+    manifest = load_manifest(tmp_path)
+    assert manifest["splits"]["train"]["num_samples"] == 10
+    assert manifest["splits"]["train"]["image_size"] == [16, 16] and manifest["splits"]["train"]["channels"] == 3
+    read = _read_all(tmp_path, "train")
+    assert set(read) == set(images)
+    for i, (key, img) in enumerate(images.items()):
+        np.testing.assert_array_equal(read[key][0], img)
+        assert read[key][1] == i % 3
+
+
+def test_folder_source_with_class_subfolders_and_flat(tmp_path):
+    rng = np.random.default_rng(1)
+    for cls in ("cat", "dog"):
+        (tmp_path / "lab" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(tmp_path / "lab" / cls / f"{i}.png")
+    (tmp_path / "flat").mkdir()
+    Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8)).save(tmp_path / "flat" / "a.png")
+    labelled = open_source(f"folder:{tmp_path / 'lab'}")
+    assert labelled.class_names == ["cat", "dog"] and [labelled[i].label for i in range(6)] == [0, 0, 0, 1, 1, 1]
+    flat = FolderSource(tmp_path / "flat")
+    assert flat.class_names == [] and flat[0].label is None and flat[0].image.shape == (12, 12, 1)
+    manifest = write_shards(labelled, tmp_path / "out", val_fraction=0.0, image_size=8, progress=False)
+    assert manifest["splits"]["train"]["image_size"] == [8, 8] and "val" not in manifest["splits"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="holds no images"):
+        FolderSource(tmp_path / "empty")
+
+
+def test_torchvision_source_without_files_names_root_and_download_command(tmp_path):
+    with pytest.raises(SourceError) as err:
+        open_source("torchvision:CIFAR10", root=str(tmp_path / "nothing-here"))
+    assert str(tmp_path / "nothing-here") in str(err.value) and "--download" in str(err.value)
+    with pytest.raises(SourceError, match="unknown source"):
+        open_source("imagenet")
+
+
+def test_preparing_the_same_data_twice_gives_the_same_checksums(tmp_path):
+    from pipeline.data.shards import manifest_hash
+
+    a = write_shards(DigitsSource(), tmp_path / "a", shard_size=700, progress=False)
+    b = write_shards(DigitsSource(), tmp_path / "b", shard_size=700, progress=False)
+    assert [s["sha256"] for s in a["splits"]["train"]["shards"]] == [s["sha256"] for s in b["splits"]["train"]["shards"]]
+    assert manifest_hash(a) == manifest_hash(b)
+    c = write_shards(DigitsSource(), tmp_path / "c", shard_size=700, seed=1, progress=False)
+    assert manifest_hash(c) != manifest_hash(a)
