@@ -73,16 +73,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if argv[:1] == ["fit"]:
-        from pipeline.train import ConfigError, fit
+        from pipeline.train import ConfigError, DryRun, fit
 
         try:
             print(f"run directory: {fit(argv[1:])}")
-        except ConfigError as e:
+        except DryRun as d:
+            print(d.config_yaml)
+            print(f"# run directory: {d.run_dir}")
+        except (ConfigError, argparse.ArgumentError) as e:  # jsonargparse's errors name the bad key
             return _fail(e)
-        except Exception as e:  # jsonargparse's errors name the bad key; show them without a traceback
-            if type(e).__name__ in ("ArgumentError", "NSKeyError"):
-                return _fail(e)
-            raise
         return 0
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -93,7 +92,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMAND_FUNCS[args.command](args, extra)
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, argparse.ArgumentError) as e:
         return _fail(e)
 
 

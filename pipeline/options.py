@@ -18,11 +18,13 @@ class RunOptions:
         name: run name; the run directory is ``<root>/<name>-<first 8 hex of the config hash>``.
         root: directory holding all run directories.
         id: explicit run id (directory name), instead of name + config hash.
+        checkpoint_every_n_steps: optimizer steps between checkpoints (``last.ckpt`` is also written at the end).
     """
 
     name: str = "run"
     root: str = "runs"
     id: Optional[str] = None
+    checkpoint_every_n_steps: int = 500
 
 
 @dataclass

@@ -20,7 +20,7 @@ from jsonargparse import ArgumentParser
 
 from pipeline import leaderboard
 from pipeline.benchmark import ScoreOptions, benchmark_run
-from pipeline.train import DryRun, config_hash, resolve
+from pipeline.train import DryRun, check_model_fits_data, config_hash, ensure_shards, resolve
 
 
 @dataclass
@@ -79,18 +79,20 @@ def run(paths: list[str], overrides: list[str], runs: Optional[str] = None, resu
         for exp in suite.experiments:
             args = ["--config", exp, *suite.overrides, *overrides, f"--run.root={root}", f"--benchmark.results={res}"]
             resolved: DryRun = resolve(args)  # validates now: nothing runs if any experiment is malformed
-            chash = config_hash(_namespace(resolved.config_yaml))
-            jobs.append((exp, args, resolved.run_dir, chash, res))
+            jobs.append((exp, args, resolved.run_dir, config_hash(resolved.config), res, resolved.config))
+    for *_, config in jobs:  # shards first, then every model against its data, still before any training
+        ensure_shards(config.data, config.prepare)
+        check_model_fits_data(config)
     print(f"genbench run: {len(jobs)} experiment(s) validated", flush=True)
 
-    for exp, args, run_dir, chash, _ in jobs:
+    for exp, args, run_dir, chash, _, _ in jobs:
         if _finished(run_dir, chash):
             print(f"[fit] {run_dir} already finished; not training again", flush=True)
             continue
         print(f"[fit] {exp} -> {run_dir}", flush=True)
         subprocess.run([sys.executable, "-m", "pipeline.cli", "fit", *args], check=True)
 
-    for exp, args, run_dir, chash, res in jobs:
+    for exp, args, run_dir, chash, res, _ in jobs:
         print(f"[benchmark] {run_dir}", flush=True)
         record = benchmark_run(run_dir, results=res, opts=ScoreOptions(progress=progress))
         print(f"[benchmark] wrote {record}", flush=True)
@@ -99,8 +101,3 @@ def run(paths: list[str], overrides: list[str], runs: Optional[str] = None, resu
     print(f"[leaderboard] {board}", flush=True)
     return board
 
-
-def _namespace(config_yaml: str):
-    from jsonargparse import Namespace, dict_to_namespace
-
-    return dict_to_namespace(yaml.safe_load(config_yaml)) if config_yaml else Namespace()

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,6 +29,10 @@ from pipeline.models.base import GenerativeModule
 from pipeline.options import BenchmarkOptions, PrepareOptions, RunOptions, TrackingOptions
 from pipeline.provenance import ProvenanceCallback
 
+# Our train loader's __len__ is exact (per-worker quotas), and args are passed on purpose.
+warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined.*")
+warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+
 # Groups that do not change what is trained: excluded from the config hash that names the run.
 NON_TRAINING_GROUPS = ("run", "benchmark", "tracking", "dry_run", "config")
 
@@ -35,9 +40,9 @@ NON_TRAINING_GROUPS = ("run", "benchmark", "tracking", "dry_run", "config")
 class DryRun(Exception):
     """Raised after ``--dry-run`` has printed the resolved config."""
 
-    def __init__(self, config_yaml: str, run_dir: Path) -> None:
+    def __init__(self, config: Namespace, config_yaml: str, run_dir: Path) -> None:
         super().__init__(str(run_dir))
-        self.config_yaml, self.run_dir = config_yaml, run_dir
+        self.config, self.config_yaml, self.run_dir = config, config_yaml, run_dir
 
 
 class ConfigError(ValueError):
@@ -114,14 +119,30 @@ def check_model_fits_data(config: Namespace) -> None:
                           + ("" if n_classes else " (no labels)") + f"; set num_classes: {n_classes or 'null'}")
 
 
+def check_config_files(args: list[str]) -> None:
+    """Every ``--config`` file exists and is YAML; jsonargparse's own message names neither the file nor the fix."""
+    import yaml
+
+    paths = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
+    paths += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    for path in paths:
+        if not Path(path).is_file():
+            raise ConfigError(f"experiment file {path} does not exist")
+        try:
+            yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+
+
 class GenbenchCLI(LightningCLI):
     def __init__(self, args: Optional[list[str]] = None, instantiate: bool = True) -> None:
+        check_config_files(args or [])
         self._instantiate = instantiate
         self.run_dir: Optional[Path] = None
         super().__init__(
             GenerativeModule, ShardDataModule, subclass_mode_model=True, subclass_mode_data=True,
             save_config_callback=None, run=False, args=args, auto_configure_optimizers=False,
-            seed_everything_default=0, parser_kwargs={"exit_on_error": False, "prog": "genbench fit",
+            seed_everything_default=0, parser_kwargs={"exit_on_error": False, "allow_abbrev": False, "prog": "genbench fit",
                                                        "description": __doc__},
         )
 
@@ -137,7 +158,7 @@ class GenbenchCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         self.run_dir = run_directory(self.config)
         if self.config.dry_run or not self._instantiate:
-            raise DryRun(self.parser.dump(self.config, skip_none=False), self.run_dir)
+            raise DryRun(self.config, self.parser.dump(self.config, skip_none=False), self.run_dir)
         ensure_shards(self.config.data, self.config.prepare)
         check_model_fits_data(self.config)
 
@@ -155,8 +176,10 @@ class GenbenchCLI(LightningCLI):
             wandb_id = _wandb_id(run_dir, chash)
             loggers.append(WandbLogger(project=self.config.tracking.project, name=run_dir.name, id=wandb_id,
                                        save_dir=str(run_dir), offline=(mode == "offline"), resume="allow"))
-        extra = [ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
-                                 every_n_train_steps=None),
+        # One numbered checkpoint every N steps (the newest kept) and last.ckpt beside it.
+        extra = [ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="step-{step:07d}", save_last=True,
+                                 save_top_k=1, every_n_train_steps=self.config.run.checkpoint_every_n_steps,
+                                 auto_insert_metric_name=False),
                  ProvenanceCallback(run_dir, self.config, chash, config_yaml)]
         user_callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
         if not isinstance(user_callbacks, list):

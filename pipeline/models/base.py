@@ -18,6 +18,18 @@ from pipeline.data.datamodule import to_uint8
 from pipeline.registry import Registry
 
 
+class EMA(EMAWeightAveraging):
+    """Lightning's EMA callback, except that the live weights stay live when training ends.
+
+    Checkpoints already carry the average in ``state_dict`` (and the live weights beside it); copying
+    the average over the live weights at the end would make the final checkpoint's live state a copy of
+    the average, and a run resumed from it would continue from the wrong weights.
+    """
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        pass
+
+
 def sample_seed(seed: int, index: int) -> int:
     """The seed of sample ``index`` of a draw with ``seed``: independent of batch, device and rank."""
     digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
@@ -150,7 +162,7 @@ class GenerativeModule(LightningModule):
 
         callbacks: list[Callback] = [SampleGrids(self.sample_every_n_steps)]
         if self.ema_decay is not None:
-            callbacks.append(EMAWeightAveraging(decay=self.ema_decay))
+            callbacks.append(EMA(decay=self.ema_decay))
         return callbacks
 
     def maybe_compile(self, module: torch.nn.Module) -> torch.nn.Module:
