@@ -65,16 +65,14 @@ def describe_environment() -> dict[str, Any]:
 class ProvenanceCallback(Callback):
     """Writes run.json at the start of fit and completes it at the end (or on failure)."""
 
-    def __init__(self, run_dir: Path, config, config_hash: str, config_yaml: str) -> None:
+    def __init__(self, run_dir: Path, config, config_hash: str, tracking: dict[str, Any]) -> None:
         self.run_dir = Path(run_dir)
         self.config_hash = config_hash
+        self.tracking = tracking
         self.seed = config.seed_everything
         self.shards = str(config.data.init_args.shards)
         self.record: dict[str, Any] = {}
         self._t0 = 0.0
-
-    def _devices(self, trainer: Trainer) -> int:
-        return trainer.world_size
 
     @rank_zero_only
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -94,6 +92,7 @@ class ProvenanceCallback(Callback):
             "world_size": trainer.world_size,
             "num_nodes": trainer.num_nodes,
             "precision": str(trainer.precision),
+            "tracking": self.tracking,
             "accelerator": type(trainer.accelerator).__name__,
             "start_time": previous.get("start_time", now()),
             "attempts": previous.get("attempts", 0) + 1,

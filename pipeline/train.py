@@ -171,16 +171,20 @@ class GenbenchCLI(LightningCLI):
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(run_dir / "config.yaml", config_yaml)
         loggers: list = [CSVLogger(str(run_dir), name="logs", version="")]
-        mode = wandb_mode()
-        if self.config.tracking.wandb and mode != "disabled":
+        mode = wandb_mode() if self.config.tracking.wandb else "disabled"
+        tracking = {"csv": str(run_dir / "logs" / "metrics.csv"), "wandb_mode": mode}
+        if mode != "disabled":
             wandb_id = _wandb_id(run_dir, chash)
             loggers.append(WandbLogger(project=self.config.tracking.project, name=run_dir.name, id=wandb_id,
                                        save_dir=str(run_dir), offline=(mode == "offline"), resume="allow"))
+            tracking.update(wandb_id=wandb_id, wandb_project=self.config.tracking.project)
+            if mode == "offline":  # run.json says how to upload it later
+                tracking["wandb_sync"] = f"wandb sync {run_dir}/wandb/offline-run-*"
         # One numbered checkpoint every N steps (the newest kept) and last.ckpt beside it.
         extra = [ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="step-{step:07d}", save_last=True,
                                  save_top_k=1, every_n_train_steps=self.config.run.checkpoint_every_n_steps,
                                  auto_insert_metric_name=False),
-                 ProvenanceCallback(run_dir, self.config, chash, config_yaml)]
+                 ProvenanceCallback(run_dir, self.config, chash, tracking)]
         user_callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
         if not isinstance(user_callbacks, list):
             user_callbacks = [user_callbacks]

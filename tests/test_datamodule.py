@@ -85,7 +85,14 @@ def test_truncation_is_caught_while_streaming_too(digits_shards, tmp_path):
     victim.write_bytes(data[: 512 * 300])  # cut on a block boundary: tarfile sees a clean, shorter archive
     stream = ShardStream([str(victim)], batch_size=16, channels=1, image_size=(8, 8), train=False,
                          expected_counts={str(victim): 400})
-    with pytest.raises(ShardError, match=r"train-000000.tar ended after \d+ of its 400 samples"):
+    with pytest.raises(ShardError, match=r"train-000000.tar.*truncated"):
+        list(stream)
+    # a complete tar that holds fewer samples than the manifest says (replaced under the job)
+    short = tmp_path / "train-000001.tar"
+    _write_tar(short, [(f"{i:06d}.png", _png(i)) for i in range(3)])
+    stream = ShardStream([str(short)], batch_size=16, channels=1, image_size=(8, 8), train=False,
+                         expected_counts={str(short): 5})
+    with pytest.raises(ShardError, match=r"train-000001.tar ended after 3 of its 5 samples"):
         list(stream)
 
 

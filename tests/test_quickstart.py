@@ -27,6 +27,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert (run_dir / "checkpoints" / "last.ckpt").exists() and (run_dir / "config.yaml").exists()
     assert list((run_dir / "samples").glob("*.png")) and (run_dir / "logs" / "metrics.csv").exists()
     assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run missing"
+    assert info["tracking"]["wandb_mode"] == "offline" and info["tracking"]["wandb_sync"].startswith("wandb sync ")
 
     [record_path] = list((tmp_path / "results" / "quickstart").glob("*.json"))
     record = json.loads(record_path.read_text())

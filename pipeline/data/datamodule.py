@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -34,17 +35,34 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 
 from pipeline.data.shards import ShardError, load_manifest, manifest_hash, shard_paths
+from pipeline.data.tarstream import TarFormatError, iter_samples
 
 log = logging.getLogger(__name__)
 NO_LABEL = -1
 
 
-def _raise_with_shard(exn: Exception) -> bool:
-    """WebDataset exception handler: an unreadable or truncated tar stops with the shard's path."""
-    urls = [a for a in exn.args if isinstance(a, str) and a.endswith(".tar")]
-    where = urls[-1] if urls else "a shard"
-    raise ShardError(f"shard {where} is unreadable or truncated ({exn.args[0] if exn.args else exn!r}); "
-                     f"check it with genbench prepare --verify, or recreate it with genbench prepare") from exn
+# The entries a training sample needs; the .json attributes are not even copied out of the shard.
+SAMPLE_ENTRIES = frozenset({"png", "jpg", "jpeg", "webp", "cls"})
+
+def _png_op():
+    """torchvision's PNG decoder op itself: its Python wrapper spends a fifth of a 32x32 decode on a
+    deprecation warning and argument checks. Falls back to the wrapper if the op moves."""
+    try:
+        import torchvision  # noqa: F401 -- registers torch.ops.image
+
+        return torch.ops.image.decode_png
+    except (AttributeError, RuntimeError):
+        from torchvision.io import decode_png
+
+        return lambda data, mode, exif: decode_png(data, mode=ImageReadMode(mode), apply_exif_orientation=exif)
+
+
+_decode_png = _png_op()
+
+# torchvision 0.29 deprecates its image codecs in favour of TorchCodec; with torchvision pinned they
+# remain, and decode PNGs twice as fast as PIL here. The warning would otherwise fire for every image.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 
 
 class ShardStream(IterableDataset):
@@ -93,11 +111,15 @@ class ShardStream(IterableDataset):
         i = 0
         for path in mine:
             n = 0
-            for sample in wds.tarfile_samples([{"url": path}], handler=_raise_with_shard):
-                if stride == 1 or i % stride == consumer:
-                    yield sample
-                i += 1
-                n += 1
+            try:
+                for sample in iter_samples(path, SAMPLE_ENTRIES):
+                    if stride == 1 or i % stride == consumer:
+                        yield sample
+                    i += 1
+                    n += 1
+            except (TarFormatError, OSError) as e:
+                raise ShardError(f"shard {path} is unreadable or truncated ({e}); check it with genbench prepare "
+                                 "--verify, or recreate it with genbench prepare") from e
             expected = self.expected_counts.get(path)
             if expected is not None and n != expected:
                 # tarfile reads a truncated archive as a shorter one, without an error
@@ -146,11 +168,14 @@ class ShardStream(IterableDataset):
             yield image, label, sample["__key__"]
 
     def _decode_image(self, sample: dict) -> torch.Tensor:
-        data = next((sample[k] for k in ("png", "jpg", "jpeg", "webp") if k in sample), None)
-        if data is None:
-            raise ValueError(f"no image entry (has {sorted(k for k in sample if not k.startswith('__'))})")
         mode = ImageReadMode.GRAY if self.channels == 1 else ImageReadMode.RGB
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+        if "png" in sample:
+            image = _decode_png(torch.frombuffer(bytearray(sample["png"]), dtype=torch.uint8), mode.value, False)
+        else:
+            data = next((sample[k] for k in ("jpg", "jpeg", "webp") if k in sample), None)
+            if data is None:
+                raise ValueError(f"no image entry (has {sorted(k for k in sample if not k.startswith('__'))})")
+            image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
         if tuple(image.shape[1:]) != self.image_size:
             raise ValueError(f"image is {image.shape[2]}x{image.shape[1]}, the split's images are "
                              f"{self.image_size[1]}x{self.image_size[0]}")
