@@ -9,6 +9,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.data.datamodule import ShardDataModule
@@ -139,3 +140,22 @@ def test_batches_are_uint8_until_the_device_transfer(digits_shards):
     out = dm.on_after_batch_transfer({**batch, "image": batch["image"].clone()}, 0)
     assert out["image"].min() >= -1 and out["image"].max() <= 1
     np.testing.assert_allclose(out["image"].numpy(), batch["image"].numpy() / 127.5 - 1, atol=1e-6)
+
+
+def test_hflip_flips_about_half_the_training_images_deterministically(digits_shards):
+    def first_batch(hflip, seed=0):
+        dm = ShardDataModule(str(digits_shards), batch_size=400, num_workers=0, hflip=hflip, seed=seed,
+                             shuffle_buffer=0)
+        return next(iter(dm.train_dataloader()))
+
+    plain, flipped = first_batch(False), first_batch(True)
+    assert plain["key"] == flipped["key"]
+    same = (plain["image"] == flipped["image"]).flatten(1).all(1)
+    mirrored = (plain["image"].flip(-1) == flipped["image"]).flatten(1).all(1)
+    assert bool((same | mirrored).all())
+    changed = int((~same).sum())
+    assert 150 < changed < 250  # about half of 400 (symmetric digits count as unchanged)
+    assert torch.equal(flipped["image"], first_batch(True)["image"])
+    dm = ShardDataModule(str(digits_shards), batch_size=400, num_workers=0, hflip=True, shuffle_buffer=0)
+    val = next(iter(dm.stream("val", False, 400)))  # never flipped outside training
+    assert torch.equal(val["image"], next(iter(ShardDataModule(str(digits_shards)).stream("val", False, 400)))["image"])

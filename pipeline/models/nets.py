@@ -62,6 +62,19 @@ def check_divisible(image_size: int, mults: Sequence[int]) -> None:
                          f"{list(mults)}; use fewer levels or another image size")
 
 
+def resolution_levels(chs: Sequence[int], res_blocks: int, resample: type[nn.Module]) -> tuple[list[nn.Module], int]:
+    """Residual blocks at each level's width, with ``resample`` (down or up) between levels."""
+    layers: list[nn.Module] = []
+    prev = chs[0]
+    for level, ch in enumerate(chs):
+        for _ in range(res_blocks):
+            layers.append(ResBlock(prev, ch))
+            prev = ch
+        if level < len(chs) - 1:
+            layers.append(resample(ch))
+    return layers, prev
+
+
 class ConvEncoder(nn.Module):
     """Image -> flat feature vector, halving the resolution between levels."""
 
@@ -69,15 +82,9 @@ class ConvEncoder(nn.Module):
         super().__init__()
         check_divisible(image_size, mults)
         chs = level_channels(base, mults)
-        layers: list[nn.Module] = [nn.Conv2d(in_ch, chs[0], 3, padding=1)]
-        prev = chs[0]
-        for level, ch in enumerate(chs):
-            for _ in range(res_blocks):
-                layers.append(ResBlock(prev, ch))
-                prev = ch
-            if level < len(chs) - 1:
-                layers.append(Downsample(ch))
-        layers += [group_norm(prev), nn.SiLU(), nn.Flatten()]
+        levels, prev = resolution_levels(chs, res_blocks, Downsample)
+        layers: list[nn.Module] = [nn.Conv2d(in_ch, chs[0], 3, padding=1), *levels,
+                                   group_norm(prev), nn.SiLU(), nn.Flatten()]
         self.net = nn.Sequential(*layers)
         self.out_features = prev * (image_size // 2 ** (len(chs) - 1)) ** 2
 
@@ -96,15 +103,8 @@ class ConvDecoder(nn.Module):
         self.start = image_size // 2 ** (len(chs) - 1)
         self.top = chs[0]
         self.fc = nn.Linear(in_features, chs[0] * self.start ** 2)
-        layers: list[nn.Module] = []
-        prev = chs[0]
-        for level, ch in enumerate(chs):
-            for _ in range(res_blocks):
-                layers.append(ResBlock(prev, ch))
-                prev = ch
-            if level < len(chs) - 1:
-                layers.append(Upsample(ch))
-        layers += [group_norm(prev), nn.SiLU(), nn.Conv2d(prev, out_ch, 3, padding=1)]
+        levels, prev = resolution_levels(chs, res_blocks, Upsample)
+        layers: list[nn.Module] = [*levels, group_norm(prev), nn.SiLU(), nn.Conv2d(prev, out_ch, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
