@@ -208,7 +208,7 @@ def benchmark_run(run_dir: str | os.PathLike, num_samples: Optional[int] = None,
     for start in tqdm(range(0, num_samples, opts.batch_size), desc=f"sampling {run_dir.name}", unit="batch",
                       disable=not opts.progress):
         n = min(opts.batch_size, num_samples - start)
-        images.append(model.sample(n, seed=seed, first_index=start, batch_size=opts.batch_size))
+        images.append(model.sample(n, seed=seed, first_index=start))
     images = torch.cat(images)
     sampling_s = time.time() - t0
     requested = model.default_labels(num_samples) if model.conditional else None

@@ -3,56 +3,105 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import pytest
 import torch
 
 from conftest import REPO
+from pipeline.models import FAMILIES
 from pipeline.models.vae import VAE, discretized_logistic_log_prob
 from pipeline.train import fit
 
-VAE_YAML = str(REPO / "experiments" / "digits" / "vae.yaml")
 
 
-def _train(tmp_path, digits_shards, *overrides):
-    return fit(["--config", VAE_YAML, f"--run.root={tmp_path}", f"--data.init_args.shards={digits_shards}",
-                "--data.init_args.num_workers=0", "--trainer.enable_progress_bar=false",
-                "--trainer.enable_model_summary=false", "--tracking.wandb=false", *overrides])
+# Each family's digits config, shrunk: (config, loss column, extra overrides)
+FAMILY_RUNS = {
+    "vae": ("vae.yaml", "train/loss", ["--model.init_args.kl_warmup_steps=0"]),
+    "gan": ("gan.yaml", "train/d_loss", []),
+    "ddpm": ("ddpm.yaml", "train/loss", ["--model.init_args.warmup_steps=5", "--model.init_args.sampling_steps=5"]),
+    "ar": ("ar.yaml", "train/loss", ["--model.init_args.warmup_steps=5"]),
+}
 
 
-def _losses(run_dir):
+def _train_family(tmp_path, digits_shards, family, *overrides):
+    config, _, extra = FAMILY_RUNS[family]
+    return fit(["--config", str(REPO / "experiments" / "digits" / config), f"--run.root={tmp_path}",
+                f"--data.init_args.shards={digits_shards}", "--data.init_args.num_workers=0",
+                "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+                "--tracking.wandb=false", "--trainer.log_every_n_steps=1", *extra, *overrides])
+
+
+def _column(run_dir, name):
     with open(run_dir / "logs" / "metrics.csv") as f:
-        return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+        return [float(r[name]) for r in csv.DictReader(f) if r.get(name)]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("num_classes", [None, 10])
-def test_vae_trains_and_the_loss_goes_down(tmp_path, digits_shards, num_classes):
-    run_dir = _train(tmp_path, digits_shards, "--trainer.max_steps=60", "--trainer.log_every_n_steps=1",
-                     "--model.init_args.kl_warmup_steps=0",
-                     f"--model.init_args.num_classes={'null' if num_classes is None else num_classes}")
-    losses = _losses(run_dir)
+@pytest.mark.parametrize("family", sorted(FAMILY_RUNS))
+def test_family_trains_loss_goes_down_and_checkpoint_reloads(tmp_path, digits_shards, family, num_classes):
+    steps = 80 if family == "gan" else 60  # the GAN counts its two optimizers' steps
+    run_dir = _train_family(tmp_path, digits_shards, family, f"--trainer.max_steps={steps}",
+                            "--run.checkpoint_every_n_steps=20",
+                            f"--model.init_args.num_classes={'null' if num_classes is None else num_classes}")
+    assert list((run_dir / "checkpoints").glob("step-*.ckpt")), "no periodic checkpoint"
+    losses = _column(run_dir, FAMILY_RUNS[family][1])
     assert len(losses) >= 10
-    assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3
-    assert (run_dir / "checkpoints" / "last.ckpt").exists() and (run_dir / "run.json").exists()
-    model = VAE.load_from_checkpoint(str(run_dir / "checkpoints" / "last.ckpt"))
-    assert model.images_seen == 60 * 64 and model.conditional == (num_classes is not None)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.9 * first, f"{family}: loss {first:.3f} -> {last:.3f}"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "finished" and info["family"] == family
+    cls = FAMILIES[family]
+    a = cls.load_from_checkpoint(str(ckpt)).sample(12, seed=1)
+    b = cls.load_from_checkpoint(str(ckpt)).sample(12, seed=1)
+    assert torch.equal(a, b) and a.shape == (12, 1, 8, 8)
+    model = cls.load_from_checkpoint(str(ckpt))
+    assert model.conditional == (num_classes is not None)
+    assert model.images_seen == info["images_seen"] == (steps // (2 if family == "gan" else 1)) * 64
+    # the checkpoint holds the EMA weights (Lightning's EMAWeightAveraging), the live ones beside them
+    state = torch.load(ckpt, weights_only=False)
+    assert any(not torch.equal(state["state_dict"][k], state["current_model_state"][k]) for k in state["state_dict"]
+               if state["state_dict"][k].is_floating_point())
 
 
-def _model(**kw):
+SMALL = {
+    "vae": dict(latent_dim=4, base_channels=8, channel_mults=(1, 2)),
+    "gan": dict(z_dim=8, g_channels=8, d_channels=8),
+    "ddpm": dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, sampling_steps=4),
+    "ar": dict(dim=16, depth=2, heads=2),
+}
+
+
+def _model(family="vae", **kw):
     torch.manual_seed(0)
-    return VAE(image_size=8, channels=1, latent_dim=4, base_channels=8, channel_mults=(1, 2), **kw).eval()
+    return FAMILIES[family](image_size=8, channels=1, sample_batch_size=8, **SMALL[family], **kw).eval()
 
 
 @pytest.mark.parametrize("num_classes", [None, 10])
-def test_sample_is_uint8_and_depends_only_on_seed_and_index(num_classes):
-    model = _model(num_classes=num_classes)
-    a = model.sample(12, seed=3, batch_size=12)
+@pytest.mark.parametrize("family", sorted(SMALL))
+def test_sample_is_uint8_and_depends_only_on_seed_and_index(family, num_classes):
+    model = _model(family, num_classes=num_classes)
+    a = model.sample(12, seed=3)
     assert a.dtype == torch.uint8 and a.shape == (12, 1, 8, 8)
-    assert torch.equal(a, torch.cat([model.sample(1, seed=3, first_index=i, batch_size=1) for i in range(12)]))
-    assert torch.equal(a[5:], model.sample(7, seed=3, first_index=5, batch_size=4))  # how ranks split a draw
+    assert torch.equal(a, torch.cat([model.sample(1, seed=3, first_index=i) for i in range(12)]))
+    assert torch.equal(a[5:], model.sample(7, seed=3, first_index=5))  # how ranks split a draw
     assert not torch.equal(a, model.sample(12, seed=4))
+
+
+def test_guided_diffusion_counts_two_evaluations_per_step():
+    assert _model("ddpm", num_classes=10).nfe == 4
+    assert _model("ddpm", num_classes=10, guidance_scale=2.0).nfe == 8
+    assert _model("ddpm", sampler="ancestral").nfe == 1000
+    assert _model("ar").nfe == 64
+
+
+def test_ddpm_unet_at_the_cifar10_config_has_ho_et_al_parameter_count():
+    model = FAMILIES["ddpm"](image_size=32, channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+                             attn_resolutions=(16,), dropout=0.1)
+    assert sum(p.numel() for p in model.net.parameters()) / 1e6 == pytest.approx(35.7, abs=0.1)
 
 
 def test_conditional_labels_are_balanced_and_checked():
@@ -64,32 +113,52 @@ def test_conditional_labels_are_balanced_and_checked():
         _model().sample(2, labels=torch.tensor([0, 1]))
 
 
-@pytest.mark.slow
-def test_checkpoint_reload_gives_identical_samples(tmp_path, digits_shards):
-    run_dir = _train(tmp_path, digits_shards, "--trainer.max_steps=15", "--run.checkpoint_every_n_steps=10")
-    assert (run_dir / "checkpoints" / "step-0000010.ckpt").exists()
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    a = VAE.load_from_checkpoint(str(ckpt)).sample(20, seed=1)
-    b = VAE.load_from_checkpoint(str(ckpt)).sample(20, seed=1)
-    assert torch.equal(a, b)
-    # the checkpoint holds the EMA weights (Lightning's EMAWeightAveraging), the live ones beside them
-    state = torch.load(ckpt, weights_only=False)
-    assert "current_model_state" in state
-    assert any(not torch.equal(state["state_dict"][k], state["current_model_state"][k]) for k in state["state_dict"])
-
-
-def test_non_finite_loss_stops_with_the_step(tmp_path, digits_shards):
+@pytest.mark.parametrize("family", sorted(SMALL))
+def test_non_finite_loss_stops_with_the_step(tmp_path, digits_shards, family):
     from pytorch_lightning import Trainer
 
     from pipeline.data.datamodule import ShardDataModule
 
-    model = _model()
-    with torch.no_grad():
-        model.to_posterior.weight[0, 0] = float("nan")
+    model = _model(family)
+    with torch.no_grad():  # a NaN in the first weight poisons every loss of every family
+        next(model.parameters()).view(-1)[0] = float("nan")
     trainer = Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       default_root_dir=tmp_path, limit_val_batches=0)
-    with pytest.raises(FloatingPointError, match="global step 0"):
+    with pytest.raises(FloatingPointError, match=f"non-finite {family} loss .* at global step 0"):
         trainer.fit(model.train(), datamodule=ShardDataModule(str(digits_shards), batch_size=16, num_workers=0))
+
+
+def _draw_on_rank(rank, world, port, family, state_path, n, out):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = _model(family, num_classes=10)
+    model.load_state_dict(torch.load(state_path))
+    share = n // world  # rank r draws samples [r * share, (r + 1) * share)
+    mine = model.sample(share, seed=5, first_index=rank * share)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine)
+    if rank == 0:
+        torch.save(torch.cat(gathered), out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("family", sorted(SMALL))
+def test_samples_split_over_two_ddp_ranks_equal_one_process(tmp_path, family):
+    import os
+
+    import torch.multiprocessing as mp
+
+    model = _model(family, num_classes=10)
+    torch.save(model.state_dict(), tmp_path / "state.pt")
+    port = 29700 + (os.getpid() + len(family)) % 200
+    mp.start_processes(_draw_on_rank, args=(2, port, family, str(tmp_path / "state.pt"), 10, str(tmp_path / "out.pt")),
+                       nprocs=2, start_method="spawn")
+    assert torch.equal(torch.load(tmp_path / "out.pt"), model.sample(10, seed=5))
 
 
 def test_discretized_logistic_is_a_distribution_over_256_levels():

@@ -65,13 +65,15 @@ class GenerativeModule(LightningModule):
             stored in checkpoints; None disables the average.
         sample_every_n_steps: save (and log) a sample grid every this many optimizer steps; 0 only at the end.
         compile: wrap the network in torch.compile.
+        sample_batch_size: rows of every network call when sampling (fixed, so samples do not depend on
+            how many are drawn together); a memory/speed setting.
     """
 
     family = "base"
 
     def __init__(self, image_size: int = 32, channels: int = 3, num_classes: Optional[int] = None,
                  lr: float = 2e-4, ema_decay: Optional[float] = 0.999, sample_every_n_steps: int = 500,
-                 compile: bool = False) -> None:
+                 compile: bool = False, sample_batch_size: int = 256) -> None:
         super().__init__()
         if image_size < 4:
             raise ValueError(f"model.image_size={image_size} is too small; use at least 4")
@@ -84,6 +86,9 @@ class GenerativeModule(LightningModule):
         self.ema_decay = ema_decay
         self.sample_every_n_steps = sample_every_n_steps
         self.compile_network = compile
+        if sample_batch_size < 1:
+            raise ValueError(f"model.init_args.sample_batch_size={sample_batch_size} must be at least 1")
+        self.sample_batch_size = sample_batch_size
         self.images_seen = 0
         self.last_bits_per_dim: Optional[float] = None
 
@@ -109,9 +114,13 @@ class GenerativeModule(LightningModule):
         return torch.arange(first_index, first_index + n) % self.num_classes
 
     @torch.no_grad()
-    def sample(self, n: int, labels: Optional[torch.Tensor] = None, seed: int = 0, first_index: int = 0,
-               batch_size: int = 256) -> torch.Tensor:
-        """``n`` samples as uint8 N x C x H x W; sample i depends only on (seed, first_index + i, label)."""
+    def sample(self, n: int, labels: Optional[torch.Tensor] = None, seed: int = 0, first_index: int = 0) -> torch.Tensor:
+        """``n`` samples as uint8 N x C x H x W; sample i depends only on (seed, first_index + i, label).
+
+        The network always runs on batches of exactly ``sample_batch_size`` rows (the last one padded):
+        kernels are chosen by shape, so a fixed shape makes each sample's numbers the same whether it
+        is drawn alone, among 50,000, or on another rank.
+        """
         if labels is None:
             labels = self.default_labels(n, first_index)
         elif not self.conditional:
@@ -121,12 +130,17 @@ class GenerativeModule(LightningModule):
         was_training = self.training
         self.eval()
         out = []
+        chunk = self.sample_batch_size
         try:
-            for start in range(0, n, batch_size):
-                stop = min(n, start + batch_size)
-                noise = PerSampleNoise(seed, range(first_index + start, first_index + stop), self.device)
-                y = labels[start:stop].to(self.device) if labels is not None else None
-                out.append(to_uint8(self.generate(noise, y)).cpu())
+            for start in range(0, n, chunk):
+                indices = list(range(first_index + start, first_index + min(n, start + chunk)))
+                pad = chunk - len(indices)
+                noise = PerSampleNoise(seed, indices + [indices[-1]] * pad, self.device)
+                y = None
+                if labels is not None:
+                    y = labels[start:start + len(indices)]
+                    y = torch.cat([y, y[-1:].expand(pad)]).to(self.device)
+                out.append(to_uint8(self.generate(noise, y))[:len(indices)].cpu())
         finally:
             self.train(was_training)
         return torch.cat(out) if out else torch.empty(0, self.channels, self.image_size, self.image_size,
@@ -145,7 +159,9 @@ class GenerativeModule(LightningModule):
                 f"non-finite {self.family} loss ({loss.detach().float().cpu().tolist()}) at global step "
                 f"{self.global_step}; lower model.init_args.lr or set trainer.gradient_clip_val")
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Counted before the step: callbacks' on_train_batch_end (which save checkpoints) run before
+        # the module's, so a count made there would lag one batch behind in a checkpoint.
         self.images_seen += len(batch["image"]) * self.trainer.world_size
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -109,3 +109,136 @@ class ConvDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(self.fc(z).view(-1, self.top, self.start, self.start))
+
+
+# -- UNet (Ho et al. 2020) -------------------------------------------------------------------------
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps, as in the Transformer and DDPM."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([args.sin(), args.cos()], dim=1)
+
+
+class SelfAttention2d(nn.Module):
+    """Single-head self-attention over the pixels of a feature map (DDPM's attention block)."""
+
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.norm = group_norm(ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x: torch.Tensor, emb: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)
+        out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class UNet(nn.Module):
+    """The DDPM UNet: residual blocks with a timestep (and class) embedding, attention at chosen resolutions.
+
+    With ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,) at 32x32 it has the
+    35.7M parameters of Ho et al.'s CIFAR-10 model.
+    """
+
+    def __init__(self, in_ch: int, image_size: int, ch: int = 128, ch_mult: Sequence[int] = (1, 2, 2, 2),
+                 num_res_blocks: int = 2, attn_resolutions: Sequence[int] = (16,), dropout: float = 0.1,
+                 num_classes: Optional[int] = None) -> None:
+        super().__init__()
+        check_divisible(image_size, ch_mult)
+        emb_dim = 4 * ch
+        self.ch = ch
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # one extra embedding row: the "no class" token of classifier-free guidance
+        self.class_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        skips, cur, res = [ch], ch, image_size
+        for level, mult in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                blocks = [ResBlock(cur, ch * mult, emb_dim, dropout)]
+                cur = ch * mult
+                if res in attn_resolutions:
+                    blocks.append(SelfAttention2d(cur))
+                self.down.append(nn.ModuleList(blocks))
+                skips.append(cur)
+            if level < len(ch_mult) - 1:
+                self.down.append(nn.ModuleList([Downsample(cur)]))
+                skips.append(cur)
+                res //= 2
+        self.mid = nn.ModuleList([ResBlock(cur, cur, emb_dim, dropout), SelfAttention2d(cur),
+                                  ResBlock(cur, cur, emb_dim, dropout)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                blocks = [ResBlock(cur + skips.pop(), ch * mult, emb_dim, dropout)]
+                cur = ch * mult
+                if res in attn_resolutions:
+                    blocks.append(SelfAttention2d(cur))
+                self.up.append(nn.ModuleList(blocks))
+            if level > 0:
+                self.up.append(nn.ModuleList([Upsample(cur)]))
+                res *= 2
+        self.out = nn.Sequential(group_norm(cur), nn.SiLU(), nn.Conv2d(cur, in_ch, 3, padding=1))
+
+    @staticmethod
+    def _run(blocks: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for block in blocks:
+            h = block(h, emb) if isinstance(block, (ResBlock, SelfAttention2d)) else block(h)
+        return h
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        emb = self.time_mlp(timestep_embedding(t, self.ch))
+        if self.class_emb is not None and labels is not None:
+            emb = emb + self.class_emb(labels)
+        h = self.conv_in(x)
+        hs = [h]
+        for blocks in self.down:
+            h = self._run(blocks, h, emb)
+            hs.append(h)
+        h = self._run(self.mid, h, emb)
+        for blocks in self.up:
+            if isinstance(blocks[0], ResBlock):
+                h = torch.cat([h, hs.pop()], dim=1)
+            h = self._run(blocks, h, emb)
+        return self.out(h)
+
+
+# -- Transformer (decoder-only, GPT-2 style) ------------------------------------------------------
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if cache is not None:  # sampling: append this step's keys and values to the ones before
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
+        causal = cache is None or n > 1
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(dim), CausalSelfAttention(dim, heads, dropout)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache)
+        return x + self.mlp(self.ln2(x))

@@ -58,8 +58,10 @@ class VAE(GenerativeModule):
                  latent_dim: int = 64, base_channels: int = 64, channel_mults: tuple[int, ...] = (1, 2, 2),
                  num_res_blocks: int = 1, likelihood: Literal["logistic", "bernoulli"] = "logistic",
                  beta: float = 1.0, kl_warmup_steps: int = 0, class_embed_dim: int = 32, lr: float = 1e-3,
-                 ema_decay: Optional[float] = 0.999, sample_every_n_steps: int = 500, compile: bool = False) -> None:
-        super().__init__(image_size, channels, num_classes, lr, ema_decay, sample_every_n_steps, compile)
+                 ema_decay: Optional[float] = 0.999, sample_every_n_steps: int = 500, compile: bool = False,
+                 sample_batch_size: int = 256) -> None:
+        super().__init__(image_size, channels, num_classes, lr, ema_decay, sample_every_n_steps, compile,
+                         sample_batch_size)
         self.save_hyperparameters()
         self.latent_dim, self.likelihood = latent_dim, likelihood
         self.beta, self.kl_warmup_steps = beta, kl_warmup_steps

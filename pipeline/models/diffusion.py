@@ -1,0 +1,140 @@
+"""DDPM (Ho et al. 2020): epsilon prediction, linear or cosine noise schedule, ancestral and DDIM
+sampling, classifier-free guidance (Ho & Salimans 2022) for the class-conditional variant."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional
+
+import torch
+from torch.nn import functional as F
+
+from pipeline.models.base import FAMILIES, GenerativeModule, PerSampleNoise
+from pipeline.models.nets import UNet
+
+
+def beta_schedule(kind: str, steps: int) -> torch.Tensor:
+    if kind == "linear":  # Ho et al.: 1e-4 to 0.02 over 1000 steps, scaled for other lengths
+        scale = 1000 / steps
+        return torch.linspace(scale * 1e-4, scale * 0.02, steps, dtype=torch.float64)
+    if kind == "cosine":  # Nichol & Dhariwal 2021
+        s = 0.008
+        t = torch.linspace(0, steps, steps + 1, dtype=torch.float64) / steps
+        abar = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+        return (1 - abar[1:] / abar[:-1]).clamp(max=0.999)
+    raise ValueError(f"model.init_args.schedule={kind!r}: use linear or cosine")
+
+
+@FAMILIES.register("ddpm")
+class DDPM(GenerativeModule):
+    """Denoising diffusion probabilistic model.
+
+    Args:
+        timesteps: diffusion steps T of training (1000 in Ho et al.).
+        schedule: ``linear`` (Ho et al.) or ``cosine`` (Nichol & Dhariwal) noise schedule.
+        ch, ch_mult, num_res_blocks, attn_resolutions, dropout: the UNet (Ho et al. CIFAR-10: 128,
+            [1,2,2,2], 2, [16], 0.1).
+        sampler: ``ddim`` (deterministic, ``sampling_steps`` steps) or ``ancestral`` (all T steps).
+        sampling_steps: DDIM steps.
+        p_uncond: probability of dropping the label in training (classifier-free guidance).
+        guidance_scale: 1 samples the conditional model; s > 1 extrapolates away from the unconditional one.
+    """
+
+    family = "ddpm"
+
+    def __init__(self, image_size: int = 32, channels: int = 3, num_classes: Optional[int] = None,
+                 timesteps: int = 1000, schedule: Literal["linear", "cosine"] = "linear", ch: int = 128,
+                 ch_mult: tuple[int, ...] = (1, 2, 2, 2), num_res_blocks: int = 2,
+                 attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1,
+                 sampler: Literal["ddim", "ancestral"] = "ddim", sampling_steps: int = 100, p_uncond: float = 0.1,
+                 guidance_scale: float = 1.0, lr: float = 2e-4, warmup_steps: int = 5000,
+                 ema_decay: Optional[float] = 0.9999, sample_every_n_steps: int = 500, compile: bool = False,
+                 sample_batch_size: int = 256) -> None:
+        super().__init__(image_size, channels, num_classes, lr, ema_decay, sample_every_n_steps, compile,
+                         sample_batch_size)
+        self.save_hyperparameters()
+        if not 1 <= sampling_steps <= timesteps:
+            raise ValueError(f"model.init_args.sampling_steps={sampling_steps} must be in [1, timesteps={timesteps}]")
+        self.timesteps, self.sampler, self.sampling_steps = timesteps, sampler, sampling_steps
+        self.p_uncond, self.guidance_scale, self.warmup_steps = p_uncond, guidance_scale, warmup_steps
+        betas = beta_schedule(schedule, timesteps)
+        abar = torch.cumprod(1 - betas, 0)
+        # float64 schedule, stored as buffers so it follows the module to its device
+        self.register_buffer("betas", betas, persistent=False)
+        self.register_buffer("alphas_cumprod", abar, persistent=False)
+        self.net = self.maybe_compile(UNet(channels, image_size, ch, ch_mult, num_res_blocks, attn_resolutions,
+                                           dropout, num_classes))
+
+    @property
+    def nfe(self) -> int:
+        steps = self.timesteps if self.sampler == "ancestral" else self.sampling_steps
+        return steps * (2 if self.conditional and self.guidance_scale != 1.0 else 1)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x0 = batch["image"]
+        n = len(x0)
+        t = torch.randint(0, self.timesteps, (n,), device=self.device)
+        eps = torch.randn_like(x0)
+        abar = self.alphas_cumprod[t].float()[:, None, None, None]
+        xt = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+        labels = None
+        if self.conditional:
+            labels = batch["label"].clone()
+            drop = torch.rand(n, device=self.device) < self.p_uncond
+            labels[drop] = self.num_classes  # the "no class" embedding
+        loss = F.mse_loss(self.net(xt, t, labels), eps)
+        self.check_finite(loss)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # the same objective on held-out images, at fixed timesteps so epochs compare
+        x0 = batch["image"]
+        g = torch.Generator(device="cpu").manual_seed(batch_idx)
+        t = torch.randint(0, self.timesteps, (len(x0),), generator=g).to(self.device)
+        eps = torch.randn(x0.shape, generator=g).to(self.device)
+        abar = self.alphas_cumprod[t].float()[:, None, None, None]
+        labels = batch["label"] if self.conditional else None
+        loss = F.mse_loss(self.net(abar.sqrt() * x0 + (1 - abar).sqrt() * eps, t, labels), eps)
+        self.log("val/loss", loss, sync_dist=True, prog_bar=True, batch_size=len(x0))
+
+    def _eps(self, x: torch.Tensor, t: int, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        tt = torch.full((len(x),), t, device=x.device, dtype=torch.long)
+        if not self.conditional:
+            return self.net(x, tt)
+        if self.guidance_scale == 1.0:
+            return self.net(x, tt, labels)
+        uncond = torch.full_like(labels, self.num_classes)
+        both = self.net(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, uncond]))
+        cond, free = both.chunk(2)
+        return free + self.guidance_scale * (cond - free)
+
+    def generate(self, noise: PerSampleNoise, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        shape = (self.channels, self.image_size, self.image_size)
+        x = noise.randn(*shape)
+        abar = self.alphas_cumprod
+        if self.sampler == "ancestral":
+            for t in range(self.timesteps - 1, -1, -1):
+                eps = self._eps(x, t, labels)
+                beta, a_t = float(self.betas[t]), float(abar[t])
+                mean = (x - beta / math.sqrt(1 - a_t) * eps) / math.sqrt(1 - beta)
+                if t > 0:  # posterior variance (beta tilde)
+                    var = beta * (1 - float(abar[t - 1])) / (1 - a_t)
+                    x = mean + math.sqrt(var) * noise.randn(*shape)
+                else:
+                    x = mean
+            return x.clamp(-1, 1)
+        # DDIM, eta = 0: deterministic given x_T
+        times = torch.linspace(self.timesteps - 1, 0, self.sampling_steps).round().long().tolist()
+        for i, t in enumerate(times):
+            eps = self._eps(x, t, labels)
+            a_t = float(abar[t])
+            x0 = ((x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)).clamp(-1, 1)
+            a_prev = float(abar[times[i + 1]]) if i + 1 < len(times) else 1.0
+            x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+        return x.clamp(-1, 1)
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.net.parameters(), lr=self.lr)
+        warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, self.warmup_steps)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
