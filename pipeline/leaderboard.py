@@ -81,7 +81,7 @@ def build(results: str | Path, out: str | Path) -> Optional[Path]:
     csv.writer(buf).writerows([headers] + table)
     atomic_write_text(out / "leaderboard.csv", buf.getvalue())
     skipped = sorted({f"- `{k}` skipped for {r['run_id']}: {v}" for r in rows for k, v in r.get("skipped", {}).items()})
-    md = [f"# genbench leaderboard\n", f"Sorted by `{metric}` (lower is better). One row per run and protocol; "
+    md = ["# genbench leaderboard\n", f"Sorted by `{metric}` (lower is better). One row per run and protocol; "
           f"each row links to its immutable result record in `{results}`.\n",
           "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     md += ["| " + " | ".join(cells) + " |" for cells in table]

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import yaml
 from jsonargparse import ArgumentParser
@@ -59,6 +59,15 @@ def load_suite(path: Path) -> Suite:
                  leaderboard=cfg.leaderboard)
 
 
+class Job(NamedTuple):
+    experiment: str
+    args: list[str]  # the `genbench fit` arguments
+    run_dir: Path
+    config_hash: str
+    results: str
+    config: Any  # the resolved jsonargparse Namespace
+
+
 def _finished(run_dir: Path, chash: str) -> bool:
     path = run_dir / "run.json"
     if not path.exists():
@@ -79,22 +88,22 @@ def run(paths: list[str], overrides: list[str], runs: Optional[str] = None, resu
         for exp in suite.experiments:
             args = ["--config", exp, *suite.overrides, *overrides, f"--run.root={root}", f"--benchmark.results={res}"]
             resolved: DryRun = resolve(args)  # validates now: nothing runs if any experiment is malformed
-            jobs.append((exp, args, resolved.run_dir, config_hash(resolved.config), res, resolved.config))
-    for *_, config in jobs:  # shards first, then every model against its data, still before any training
-        ensure_shards(config.data, config.prepare)
-        check_model_fits_data(config)
+            jobs.append(Job(exp, args, resolved.run_dir, config_hash(resolved.config), res, resolved.config))
+    for job in jobs:  # shards first, then every model against its data, still before any training
+        ensure_shards(job.config.data, job.config.prepare)
+        check_model_fits_data(job.config)
     print(f"genbench run: {len(jobs)} experiment(s) validated", flush=True)
 
-    for exp, args, run_dir, chash, _, _ in jobs:
-        if _finished(run_dir, chash):
-            print(f"[fit] {run_dir} already finished; not training again", flush=True)
+    for job in jobs:
+        if _finished(job.run_dir, job.config_hash):
+            print(f"[fit] {job.run_dir} already finished; not training again", flush=True)
             continue
-        print(f"[fit] {exp} -> {run_dir}", flush=True)
-        subprocess.run([sys.executable, "-m", "pipeline.cli", "fit", *args], check=True)
+        print(f"[fit] {job.experiment} -> {job.run_dir}", flush=True)
+        subprocess.run([sys.executable, "-m", "pipeline.cli", "fit", *job.args], check=True)
 
-    for exp, args, run_dir, chash, res, _ in jobs:
-        print(f"[benchmark] {run_dir}", flush=True)
-        record = benchmark_run(run_dir, results=res, opts=ScoreOptions(progress=progress))
+    for job in jobs:
+        print(f"[benchmark] {job.run_dir}", flush=True)
+        record = benchmark_run(job.run_dir, results=job.results, opts=ScoreOptions(progress=progress))
         print(f"[benchmark] wrote {record}", flush=True)
 
     board = leaderboard.build(suite_results, suite_board)

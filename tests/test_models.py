@@ -11,7 +11,7 @@ import torch
 
 from conftest import REPO
 from pipeline.models import FAMILIES
-from pipeline.models.vae import VAE, discretized_logistic_log_prob
+from pipeline.models.vae import discretized_logistic_log_prob
 from pipeline.train import fit
 
 
@@ -173,3 +173,69 @@ def test_cost_reports_parameters_and_nfe():
     model = _model()
     cost = model.cost()
     assert cost["parameters"] == sum(p.numel() for p in model.parameters()) and cost["nfe"] == 1
+
+
+def test_kv_cache_sampling_equals_full_forward_decoding():
+    """With top_k=1 sampling is greedy: every cached step must pick the argmax of a full forward pass."""
+    model = _model("ar", num_classes=10, top_k=1)
+    images = model.sample(6, seed=0).float() / 127.5 - 1
+    tokens = model.tokens(images)
+    with torch.no_grad():
+        logits = model.logits(tokens, model.default_labels(6))
+    assert torch.equal(logits.argmax(-1), tokens)
+
+
+def test_ancestral_sampler_is_deterministic_per_sample():
+    model = _model("ddpm", timesteps=20, sampler="ancestral")
+    assert float(model.betas.max()) < 1.0
+    a = model.sample(5, seed=2)
+    assert 0 < a.float().mean() < 255  # not saturated
+    assert torch.equal(a, torch.cat([model.sample(1, seed=2, first_index=i) for i in range(5)]))
+    assert not torch.equal(a, model.sample(5, seed=3))
+
+
+def _fit_steps(tmp_path, digits_shards, model, steps=4, **trainer_kw):
+    from pytorch_lightning import Trainer
+
+    from pipeline.data.datamodule import ShardDataModule
+
+    trainer = Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0, **trainer_kw)
+    trainer.fit(model.train(), datamodule=ShardDataModule(str(digits_shards), batch_size=16, num_workers=0))
+    return trainer
+
+
+@pytest.mark.parametrize("family", sorted(SMALL))
+def test_every_family_trains_under_bf16_mixed_precision(tmp_path, digits_shards, family):
+    trainer = _fit_steps(tmp_path, digits_shards, _model(family, num_classes=10), precision="bf16-mixed")
+    assert trainer.global_step == 4
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+    assert logged and all(math.isfinite(v) for v in logged.values())
+
+
+def test_gan_variants_dcgan_and_r1_penalty_train(tmp_path, digits_shards):
+    for kw in (dict(arch="dcgan"), dict(arch="sngan", r1_gamma=1.0, n_critic=2)):
+        model = _model("gan", num_classes=10, **kw)
+        trainer = _fit_steps(tmp_path, digits_shards, model, steps=6)
+        assert math.isfinite(float(trainer.callback_metrics["train/d_loss"]))
+    # n_critic=2: the generator stepped on every other batch only
+    assert trainer.global_step == 6 and model.images_seen == 4 * 16
+
+
+def test_palette_tokenizer_fits_once_trains_and_reloads(tmp_path, digits_shards):
+    model = _model("ar", tokenizer="palette", palette_size=8, palette_shards=str(digits_shards), num_classes=10)
+    assert model.seq_len == 64 and model.vocab == 8 and model.palette.shape == (8, 1)
+    images = model.sample(4, seed=0)
+    assert set(images.unique().tolist()) <= set(model.palette.flatten().int().tolist())  # only palette colours
+    tokens = model.tokens(images.float() / 127.5 - 1)
+    assert torch.equal(model.images(tokens), images.float() / 127.5 - 1)  # palette colours map to themselves
+    trainer = _fit_steps(tmp_path, digits_shards, model)
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+    trainer.save_checkpoint(tmp_path / "ar.ckpt")
+    again = FAMILIES["ar"].load_from_checkpoint(str(tmp_path / "ar.ckpt"))
+    assert torch.equal(again.palette, model.palette)
+    assert torch.equal(again.sample(4, seed=1), model.eval().sample(4, seed=1))
+    assert _model("ar", tokenizer="palette", palette_size=8, palette_shards=str(digits_shards)).palette.equal(
+        model.palette)  # cached and deterministic
+    with pytest.raises(ValueError, match="palette_shards"):
+        _model("ar", tokenizer="palette")

@@ -19,26 +19,33 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert f"leaderboard: {board.relative_to(tmp_path)}" in proc.stdout
     assert (tmp_path / "shards" / "digits" / "manifest.json").exists()
 
-    [run_dir] = list((tmp_path / "runs").iterdir())
-    info = json.loads((run_dir / "run.json").read_text())
-    assert info["status"] == "finished" and info["global_step"] == 30 and info["family"] == "vae"
-    assert len(info["config_hash"]) == 64 and len(info["data"]["manifest_hash"]) == 64
-    assert info["packages"]["torch"] and "commit" in info["git"] and info["images_seen"] == 30 * 64
-    assert (run_dir / "checkpoints" / "last.ckpt").exists() and (run_dir / "config.yaml").exists()
-    assert list((run_dir / "samples").glob("*.png")) and (run_dir / "logs" / "metrics.csv").exists()
-    assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run missing"
-    assert info["tracking"]["wandb_mode"] == "offline" and info["tracking"]["wandb_sync"].startswith("wandb sync ")
+    runs = {json.loads((d / "run.json").read_text())["family"]: d for d in (tmp_path / "runs").iterdir()}
+    assert sorted(runs) == ["ar", "ddpm", "gan", "vae"]
+    records = {}
+    for path in (tmp_path / "results" / "quickstart").glob("*.json"):
+        record = json.loads(path.read_text())
+        records[record["family"]] = record
+    assert sorted(records) == sorted(runs)
+    for family, run_dir in runs.items():
+        info = json.loads((run_dir / "run.json").read_text())
+        assert info["status"] == "finished" and info["global_step"] == 30, family
+        assert len(info["config_hash"]) == 64 and len(info["data"]["manifest_hash"]) == 64
+        assert info["packages"]["torch"] and "commit" in info["git"] and info["images_seen"] > 0
+        assert (run_dir / "checkpoints" / "last.ckpt").exists() and (run_dir / "config.yaml").exists()
+        assert list((run_dir / "samples").glob("*.png")) and (run_dir / "logs" / "metrics.csv").exists()
+        assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run missing"
+        assert info["tracking"]["wandb_mode"] == "offline" and info["tracking"]["wandb_sync"].startswith("wandb sync ")
 
-    [record_path] = list((tmp_path / "results" / "quickstart").glob("*.json"))
-    record = json.loads(record_path.read_text())
-    assert record["run_id"] == run_dir.name and record["protocol"]["num_samples"] == 200
-    assert record["metrics"]["fd_auditor"] > 0
-    assert sum(record["metrics"]["audit"]["class_histogram"]) == 200
-    assert "fid" not in record["metrics"] and "genbench fetch-weights" in record["skipped"]["fid"]
-    assert record["provenance"]["config_hash"] == info["config_hash"]
-    assert 0 < record["protocol"]["extractors"]["auditor"]["val_accuracy"] <= 1
-    row = [l for l in board.read_text().splitlines() if l.startswith("| 1 |") and run_dir.name in l]
-    assert len(row) == 1 and "| vae |" in row[0]
+        record = records[family]
+        assert record["run_id"] == run_dir.name and record["protocol"]["num_samples"] == 200
+        assert record["metrics"]["fd_auditor"] > 0
+        assert sum(record["metrics"]["audit"]["class_histogram"]) == 200
+        assert "fid" not in record["metrics"] and "genbench fetch-weights" in record["skipped"]["fid"]
+        assert record["provenance"]["config_hash"] == info["config_hash"]
+        assert 0 < record["protocol"]["extractors"]["auditor"]["val_accuracy"] <= 1
+        row = [line for line in board.read_text().splitlines() if line.startswith("| ") and run_dir.name in line]
+        assert len(row) == 1 and f"| {family} |" in row[0]
+    assert records["ddpm"]["cost"]["nfe"] == 50 and records["ar"]["cost"]["nfe"] == 64
 
     # Running it again trains nothing: the run finished with the same config.
     again = genbench(*args, cwd=tmp_path)

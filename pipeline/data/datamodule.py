@@ -21,11 +21,9 @@ Batches leave the workers as uint8 (4x less inter-process traffic than float) an
 from __future__ import annotations
 
 import logging
-import math
 import random
 import warnings
 from collections import Counter
-from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
@@ -43,6 +41,7 @@ NO_LABEL = -1
 
 # The entries a training sample needs; the .json attributes are not even copied out of the shard.
 SAMPLE_ENTRIES = frozenset({"png", "jpg", "jpeg", "webp", "cls"})
+
 
 def _png_op():
     """torchvision's PNG decoder op itself: its Python wrapper spends a fifth of a 32x32 decode on a
@@ -384,6 +383,3 @@ def reference_batches(shards: str, split: str = "train", batch_size: int = 256, 
     dm = ShardDataModule(shards, batch_size=batch_size, num_workers=0, shuffle_buffer=0)
     yield from dm.stream(split, False, batch_size, rank, world_size)
 
-
-def num_batches(n: int, batch_size: int) -> int:
-    return math.ceil(n / batch_size)

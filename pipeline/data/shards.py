@@ -21,7 +21,7 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import numpy as np
 import webdataset as wds
@@ -224,7 +224,7 @@ def load_manifest(directory: str | os.PathLike) -> dict:
             raise ShardError(f"{path} has format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
     else:
         manifest = index_foreign_shards(directory)
-    for split, info in manifest["splits"].items():
+    for info in manifest["splits"].values():
         for shard in info["shards"]:
             file = directory / shard["file"]
             if not file.is_file():
@@ -309,7 +309,3 @@ def shard_paths(directory: str | os.PathLike, manifest: dict, split: str) -> lis
         raise ShardError(f"{directory} has no {split!r} split (it has {sorted(manifest['splits'])})")
     return [str(Path(directory) / s["file"]) for s in manifest["splits"][split]["shards"]]
 
-
-def iter_samples(paths: Iterable[str]):
-    """Decode-free iteration over raw samples of the given tars (keys grouped WebDataset-style)."""
-    return wds.tarfile_samples([{"url": p} for p in paths])

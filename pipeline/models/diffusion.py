@@ -16,7 +16,8 @@ from pipeline.models.nets import UNet
 def beta_schedule(kind: str, steps: int) -> torch.Tensor:
     if kind == "linear":  # Ho et al.: 1e-4 to 0.02 over 1000 steps, scaled for other lengths
         scale = 1000 / steps
-        return torch.linspace(scale * 1e-4, scale * 0.02, steps, dtype=torch.float64)
+        # short schedules (T < 50) would reach beta = 1, where 1 / sqrt(1 - beta) blows up
+        return torch.linspace(scale * 1e-4, scale * 0.02, steps, dtype=torch.float64).clamp(max=0.999)
     if kind == "cosine":  # Nichol & Dhariwal 2021
         s = 0.008
         t = torch.linspace(0, steps, steps + 1, dtype=torch.float64) / steps

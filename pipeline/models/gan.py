@@ -42,12 +42,17 @@ class Generator(nn.Module):
             raise ValueError(f"GAN image_size {image_size} must be 4 x a power of two (8, 16, 32, 64, ...)")
         widths = [ch * 2 ** (levels - i) for i in range(levels + 1)]
         self.top = widths[0]
-        self.fc = nn.Linear(z_dim, widths[0] * 16)
+        # the class enters twice: an embedding beside z (a strong signal from the first layer, as in
+        # BigGAN's shared embedding) and the scale/shift of every batch norm
+        self.class_emb = nn.Embedding(num_classes, z_dim) if num_classes else None
+        self.fc = nn.Linear(2 * z_dim if num_classes else z_dim, widths[0] * 16)
         self.norms = nn.ModuleList([ConditionalBatchNorm(w, num_classes) for w in widths])
         self.convs = nn.ModuleList([nn.Conv2d(widths[i], widths[i + 1], 3, padding=1) for i in range(levels)])
         self.to_image = nn.Conv2d(widths[-1], channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.class_emb is not None:
+            z = torch.cat([z, self.class_emb(labels)], dim=1)
         h = self.fc(z).view(len(z), self.top, 4, 4)
         for norm, conv in zip(self.norms, self.convs):
             h = conv(F.interpolate(F.relu(norm(h, labels)), scale_factor=2.0, mode="nearest"))
