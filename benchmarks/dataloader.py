@@ -35,8 +35,9 @@ from pipeline.io import atomic_write_json
 BATCH = 256
 
 
-def make_images(root: Path, n: int, classes: int = 10) -> None:
-    """CIFAR-sized images with some structure (smooth gradients + noise), in class subfolders."""
+def make_images(root: Path, n: int, classes: int = 10, png_compression: int = 0) -> None:
+    """CIFAR-sized images with some structure (smooth gradients + noise), in class subfolders, as PNGs
+    with the same zlib level as the shards, so both loaders decode the same bytes."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:32, 0:32]
     for c in range(classes):
@@ -44,7 +45,7 @@ def make_images(root: Path, n: int, classes: int = 10) -> None:
     for i in range(n):
         base = (np.sin(xx / rng.uniform(2, 8)) + np.cos(yy / rng.uniform(2, 8))) * 60 + 128
         img = np.clip(base[..., None] + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(root / str(i % classes) / f"{i:06d}.png")
+        Image.fromarray(img).save(root / str(i % classes) / f"{i:06d}.png", compress_level=png_compression)
 
 
 def rate(loader, n_images: int, warmup_batches: int = 2) -> float:
@@ -87,14 +88,17 @@ def main() -> None:
     parser.add_argument("--measure", type=int, default=30000, help="images read per measurement")
     parser.add_argument("--small", action="store_true", help="2,000 images, 3,000 per measurement")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "dataloader.json"))
+    parser.add_argument("--png-compression", type=int, default=0,
+                        help="zlib level of the PNGs in both the shards and the folder (prepare's default: 0)")
     args = parser.parse_args()
     if args.small:
         args.images, args.measure = 2000, 3000
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        make_images(tmp / "folder", args.images)
-        write_shards(FolderSource(tmp / "folder"), tmp / "shards", val_fraction=0.0, shard_size=2000, progress=False)
+        make_images(tmp / "folder", args.images, png_compression=args.png_compression)
+        write_shards(FolderSource(tmp / "folder"), tmp / "shards", val_fraction=0.0, shard_size=2000,
+                     png_compression=args.png_compression, progress=False)
         rows = {}
         for workers in (1, 2):
             rows[workers] = {
@@ -108,6 +112,7 @@ def main() -> None:
         "host": {"platform": platform.platform(), "cpu_count": __import__("os").cpu_count(),
                  "torch": torch.__version__},
         "images": args.images, "image_size": "32x32x3", "batch_size": BATCH, "images_measured": args.measure,
+        "png_compression": args.png_compression,
         "workers": {},
     }
     print(f"{'workers':>7} {'ShardDataModule':>16} {'ImageFolder':>12} {'WebDataset(pil)':>16} {'ratio':>6} {'per worker':>11}")

@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
     prep.add_argument("--shard-size", default="10000", help="samples (5000) or bytes (64MB) per shard (default 10000)")
     prep.add_argument("--image-size", type=int, help="resize to this square size in pixels (default: keep)")
+    prep.add_argument("--png-compression", type=int, default=0,
+                      help="zlib level of the lossless PNGs, 0-9 (default 0: largest files, ~2.8x faster to decode)")
     prep.add_argument("--root", default="data/torchvision", help="local root of torchvision datasets")
     prep.add_argument("--download", action="store_true", help="let torchvision download the dataset (needs internet)")
     prep.add_argument("--label-attribute", help="CelebA: use this attribute (e.g. Male) as the class label")
@@ -116,7 +118,8 @@ def cmd_prepare(args, extra) -> int:
         return 2
     source = open_source(args.source, root=args.root, download=args.download, label_attribute=args.label_attribute)
     manifest = write_shards(source, args.out, val_fraction=args.val_fraction, seed=args.seed,
-                            shard_size=args.shard_size, image_size=args.image_size, overwrite=args.overwrite)
+                            shard_size=args.shard_size, image_size=args.image_size,
+                            png_compression=args.png_compression, overwrite=args.overwrite)
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['num_samples']} images in {len(info['shards'])} shard(s), "
               f"{info['image_size'][1]}x{info['image_size'][0]}x{info['channels']}")

@@ -38,6 +38,7 @@ class PrepareOptions:
         seed: seed of the train/val split.
         shard_size: samples per shard (``5000``) or bytes per shard (``64MB``).
         image_size: resize images to this square size (pixels); None keeps the source's size.
+        png_compression: zlib level of the lossless PNGs (0: largest files, fastest to decode).
         root: local root of a torchvision dataset.
     """
 
@@ -46,6 +47,7 @@ class PrepareOptions:
     seed: int = 0
     shard_size: str = "10000"
     image_size: Optional[int] = None
+    png_compression: int = 0
     root: str = "data/torchvision"
 
 

@@ -95,7 +95,8 @@ def ensure_shards(data_config: Namespace, prepare: Namespace) -> None:
     from pipeline.data.sources import open_source
 
     write_shards(open_source(prepare.source, root=prepare.root), shards, val_fraction=prepare.val_fraction,
-                 seed=prepare.seed, shard_size=prepare.shard_size, image_size=prepare.image_size)
+                 seed=prepare.seed, shard_size=prepare.shard_size, image_size=prepare.image_size,
+                 png_compression=prepare.png_compression)
 
 
 def check_model_fits_data(config: Namespace) -> None:

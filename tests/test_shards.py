@@ -164,3 +164,14 @@ def test_preparing_the_same_data_twice_gives_the_same_checksums(tmp_path):
     assert manifest_hash(a) == manifest_hash(b)
     c = write_shards(DigitsSource(), tmp_path / "c", shard_size=700, seed=1, progress=False)
     assert manifest_hash(c) != manifest_hash(a)
+
+
+def test_png_compression_level_changes_bytes_not_pixels(tmp_path):
+    stored = write_shards(DigitsSource(), tmp_path / "l0", png_compression=0, progress=False)
+    deflated = write_shards(DigitsSource(), tmp_path / "l9", png_compression=9, progress=False)
+    assert stored["splits"]["train"]["shards"][0]["bytes"] > deflated["splits"]["train"]["shards"][0]["bytes"]
+    assert stored["prepare"]["png_compression"] == 0 and deflated["prepare"]["png_compression"] == 9
+    a, b = _read_all(tmp_path / "l0", "val"), _read_all(tmp_path / "l9", "val")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k][0], b[k][0]) for k in a)
+    with pytest.raises(ValueError, match="png-compression"):
+        write_shards(DigitsSource(), tmp_path / "bad", png_compression=10, progress=False)
