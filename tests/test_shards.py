@@ -169,7 +169,12 @@ def test_preparing_the_same_data_twice_gives_the_same_checksums(tmp_path):
 def test_png_compression_level_changes_bytes_not_pixels(tmp_path):
     stored = write_shards(DigitsSource(), tmp_path / "l0", png_compression=0, progress=False)
     deflated = write_shards(DigitsSource(), tmp_path / "l9", png_compression=9, progress=False)
-    assert stored["splits"]["train"]["shards"][0]["bytes"] > deflated["splits"]["train"]["shards"][0]["bytes"]
+    from pipeline.data.tarstream import iter_members
+
+    def png_bytes(directory):  # tar padding hides the difference for 8x8 images: count the PNGs themselves
+        return sum(len(data) for name, data in iter_members(str(directory / "val-000000.tar")) if name.endswith(".png"))
+
+    assert png_bytes(tmp_path / "l0") > png_bytes(tmp_path / "l9")
     assert stored["prepare"]["png_compression"] == 0 and deflated["prepare"]["png_compression"] == 9
     a, b = _read_all(tmp_path / "l0", "val"), _read_all(tmp_path / "l9", "val")
     assert a.keys() == b.keys() and all(np.array_equal(a[k][0], b[k][0]) for k in a)
