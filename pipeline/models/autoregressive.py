@@ -101,7 +101,7 @@ class Autoregressive(GenerativeModule):
         self.tok_emb = nn.Embedding(self.vocab + 1 + (num_classes or 0), dim)
         self.pos_emb = nn.Parameter(torch.zeros(1, self.seq_len, dim))
         nn.init.normal_(self.pos_emb, std=0.02)
-        self.blocks = nn.ModuleList([TransformerBlock(dim, heads, dropout) for _ in range(depth)])
+        self.blocks = nn.ModuleList([self.maybe_compile(TransformerBlock(dim, heads, dropout)) for _ in range(depth)])
         self.ln = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, self.vocab, bias=False)
 
@@ -179,7 +179,7 @@ class Autoregressive(GenerativeModule):
         for i in range(self.seq_len):
             h = self.tok_emb(token[:, None]) + self.pos_emb[:, i:i + 1]
             for block, cache in zip(self.blocks, caches):
-                h = block(h, cache)
+                h = block.forward(h, cache)  # eager: the growing cache would recompile a compiled block every step
             logits = self.head(self.ln(h))[:, 0].float() / max(self.temperature, 1e-6)
             if 0 < self.top_k < self.vocab:
                 kth = logits.topk(self.top_k, dim=1).values[:, -1:]
