@@ -124,30 +124,28 @@ class GAN(GenerativeModule):
         labels = batch["label"] if self.conditional else None
         z = torch.randn(len(real), self.z_dim, device=self.device)
 
-        self.toggle_optimizer(opt_d)
-        real = real.requires_grad_(self.r1_gamma > 0)
-        real_logits = self.discriminator(real, labels)
-        fake_logits = self.discriminator(self.generator(z, labels).detach(), labels)
-        d_loss = self._d_loss(real_logits, fake_logits)
-        if self.r1_gamma > 0:  # R1: penalise D's gradient on real data (Mescheder et al. 2018)
-            grad, = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
-            d_loss = d_loss + self.r1_gamma / 2 * grad.pow(2).flatten(1).sum(1).mean()
-        self.check_finite(d_loss)
-        opt_d.zero_grad(set_to_none=True)
-        self.manual_backward(d_loss)
-        opt_d.step()
-        self.untoggle_optimizer(opt_d)
+        with self.toggled_optimizer(opt_d):  # only D's parameters take gradients
+            real = real.requires_grad_(self.r1_gamma > 0)
+            real_logits = self.discriminator(real, labels)
+            fake_logits = self.discriminator(self.generator(z, labels).detach(), labels)
+            d_loss = self._d_loss(real_logits, fake_logits)
+            if self.r1_gamma > 0:  # R1: penalise D's gradient on real data (Mescheder et al. 2018)
+                grad, = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+                d_loss = d_loss + self.r1_gamma / 2 * grad.pow(2).flatten(1).sum(1).mean()
+            self._step(opt_d, d_loss)
         self.log("train/d_loss", d_loss, prog_bar=True)
 
         if batch_idx % self.n_critic == 0:
-            self.toggle_optimizer(opt_g)
-            g_loss = self._g_loss(self.discriminator(self.generator(z, labels), labels))
-            self.check_finite(g_loss)
-            opt_g.zero_grad(set_to_none=True)
-            self.manual_backward(g_loss)
-            opt_g.step()
-            self.untoggle_optimizer(opt_g)
+            with self.toggled_optimizer(opt_g):
+                g_loss = self._g_loss(self.discriminator(self.generator(z, labels), labels))
+                self._step(opt_g, g_loss)
             self.log("train/g_loss", g_loss, prog_bar=True)
+
+    def _step(self, optimizer, loss: torch.Tensor) -> None:
+        self.check_finite(loss)
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        optimizer.step()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         labels = batch["label"] if self.conditional else None
