@@ -67,6 +67,7 @@ class FeatureStatistics(Metric):
         if state["feature_sum"].shape != (num_features,):
             return None
         stats.feature_sum, stats.outer_sum, stats.count = state["feature_sum"], state["outer_sum"], state["count"]
+        stats._update_count = 1  # restored sums count as updated (torchmetrics warns on compute() otherwise)
         return stats
 
 
