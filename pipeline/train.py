@@ -143,8 +143,9 @@ class GenbenchCLI(LightningCLI):
         super().__init__(
             GenerativeModule, ShardDataModule, subclass_mode_model=True, subclass_mode_data=True,
             save_config_callback=None, run=False, args=args, auto_configure_optimizers=False,
-            seed_everything_default=0, parser_kwargs={"exit_on_error": False, "allow_abbrev": False, "prog": "genbench fit",
-                                                       "description": __doc__},
+            seed_everything_default=0,
+            parser_kwargs={"exit_on_error": False, "allow_abbrev": False, "prog": "genbench fit",
+                           "description": __doc__},
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

@@ -259,3 +259,18 @@ def test_compiled_and_eager_give_the_same_loss_and_share_checkpoints(family):
         a, b = eager._nll(batch), compiled._nll(batch)
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-4)
     assert torch.equal(compiled.sample(4, seed=0), eager.sample(4, seed=0))
+
+
+@pytest.mark.parametrize("family", ["vae", "ar"])
+def test_reported_bits_per_dim_is_the_logged_validation_figure(tmp_path, digits_shards, family):
+    from pytorch_lightning import Trainer
+
+    from pipeline.data.datamodule import ShardDataModule
+
+    model = _model(family)
+    trainer = Trainer(max_epochs=2, limit_train_batches=3, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                      num_sanity_val_steps=0)
+    trainer.fit(model.train(), datamodule=ShardDataModule(str(digits_shards), batch_size=16, num_workers=0))
+    logged = float(trainer.callback_metrics["val/bits_per_dim"])
+    assert model.last_bits_per_dim == pytest.approx(logged, rel=1e-6) and 0 < logged < 12

@@ -3,9 +3,9 @@
 WebDataset reads tars through Python's ``tarfile``, whose per-member header parsing costs about three
 quarters of the time of a 32x32 training stream (measured: ``benchmarks/dataloader.py``). Shards are
 plain uncompressed tars, so this reader walks the 512-byte headers itself: ustar, GNU long names and
-PAX ``path`` records. It yields WebDataset samples (``__key__``,
-``__url__``, one entry per extension) grouped the WebDataset way (key = name up to the first dot of
-its base name), and it notices truncation, which ``tarfile`` reports as a clean end of archive.
+PAX ``path`` records. It yields WebDataset samples (``__key__``, ``__url__``, one entry per extension)
+grouped the WebDataset way (key = name up to the first dot of its base name), and it notices
+truncation, which ``tarfile`` reports as a clean end of archive.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.models.base import FAMILIES, GenerativeModule, PerSampleNoise
+from pipeline.models.base import FAMILIES, GenerativeModule, PerSampleNoise, linear_warmup
 from pipeline.models.nets import TransformerBlock
 
 LEVELS = 256
@@ -166,6 +166,7 @@ class Autoregressive(GenerativeModule):
             self.palette = checkpoint["genbench"]["palette"]
 
     def on_validation_epoch_end(self) -> None:
+        # values logged in validation_step are already reduced over the epoch (and ranks) here
         value = self.trainer.callback_metrics.get("val/bits_per_dim")
         if value is not None and self.tokenizer == "intensity":
             self.last_bits_per_dim = float(value)
@@ -191,5 +192,4 @@ class Autoregressive(GenerativeModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01, betas=(0.9, 0.95))
-        warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, self.warmup_steps)))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+        return {"optimizer": opt, "lr_scheduler": linear_warmup(opt, self.warmup_steps)}

@@ -64,7 +64,7 @@ class GenerativeModule(LightningModule):
         ema_decay: decay of the exponential moving average of the weights used for sampling and
             stored in checkpoints; None disables the average.
         sample_every_n_steps: save (and log) a sample grid every this many optimizer steps; 0 only at the end.
-        compile: wrap the network in torch.compile.
+        compile: compile the network in place (``Module.compile``).
         sample_batch_size: rows of every network call when sampling (fixed, so samples do not depend on
             how many are drawn together); a memory/speed setting.
     """
@@ -114,7 +114,8 @@ class GenerativeModule(LightningModule):
         return torch.arange(first_index, first_index + n) % self.num_classes
 
     @torch.no_grad()
-    def sample(self, n: int, labels: Optional[torch.Tensor] = None, seed: int = 0, first_index: int = 0) -> torch.Tensor:
+    def sample(self, n: int, labels: Optional[torch.Tensor] = None, seed: int = 0,
+               first_index: int = 0) -> torch.Tensor:
         """``n`` samples as uint8 N x C x H x W; sample i depends only on (seed, first_index + i, label).
 
         The network always runs on batches of exactly ``sample_batch_size`` rows (the last one padded):
@@ -187,6 +188,12 @@ class GenerativeModule(LightningModule):
         if self.compile_network:
             module.compile()
         return module
+
+
+def linear_warmup(optimizer: torch.optim.Optimizer, steps: int) -> dict[str, Any]:
+    """Lightning's scheduler entry for a learning rate that ramps linearly over ``steps`` optimizer steps."""
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, steps)))
+    return {"scheduler": schedule, "interval": "step"}
 
 
 FAMILIES: Registry[GenerativeModule] = Registry("model family", GenerativeModule)

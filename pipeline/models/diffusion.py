@@ -9,7 +9,7 @@ from typing import Literal, Optional
 import torch
 from torch.nn import functional as F
 
-from pipeline.models.base import FAMILIES, GenerativeModule, PerSampleNoise
+from pipeline.models.base import FAMILIES, GenerativeModule, PerSampleNoise, linear_warmup
 from pipeline.models.nets import UNet
 
 
@@ -71,32 +71,33 @@ class DDPM(GenerativeModule):
         steps = self.timesteps if self.sampler == "ancestral" else self.sampling_steps
         return steps * (2 if self.conditional and self.guidance_scale != 1.0 else 1)
 
+    def denoising_loss(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                       labels: Optional[torch.Tensor]) -> torch.Tensor:
+        """Epsilon-prediction MSE at timesteps ``t``: noise x0 to x_t in closed form, predict the noise."""
+        abar = self.alphas_cumprod[t].float()[:, None, None, None]
+        return F.mse_loss(self.net(abar.sqrt() * x0 + (1 - abar).sqrt() * eps, t, labels), eps)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x0 = batch["image"]
         n = len(x0)
         t = torch.randint(0, self.timesteps, (n,), device=self.device)
-        eps = torch.randn_like(x0)
-        abar = self.alphas_cumprod[t].float()[:, None, None, None]
-        xt = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
         labels = None
         if self.conditional:
             labels = batch["label"].clone()
             drop = torch.rand(n, device=self.device) < self.p_uncond
             labels[drop] = self.num_classes  # the "no class" embedding
-        loss = F.mse_loss(self.net(xt, t, labels), eps)
+        loss = self.denoising_loss(x0, t, torch.randn_like(x0), labels)
         self.check_finite(loss)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        # the same objective on held-out images, at fixed timesteps so epochs compare
+        # the same objective on held-out images, at fixed timesteps and noise so epochs compare
         x0 = batch["image"]
         g = torch.Generator(device="cpu").manual_seed(batch_idx)
         t = torch.randint(0, self.timesteps, (len(x0),), generator=g).to(self.device)
         eps = torch.randn(x0.shape, generator=g).to(self.device)
-        abar = self.alphas_cumprod[t].float()[:, None, None, None]
-        labels = batch["label"] if self.conditional else None
-        loss = F.mse_loss(self.net(abar.sqrt() * x0 + (1 - abar).sqrt() * eps, t, labels), eps)
+        loss = self.denoising_loss(x0, t, eps, batch["label"] if self.conditional else None)
         self.log("val/loss", loss, sync_dist=True, prog_bar=True, batch_size=len(x0))
 
     def _eps(self, x: torch.Tensor, t: int, labels: Optional[torch.Tensor]) -> torch.Tensor:
@@ -137,5 +138,4 @@ class DDPM(GenerativeModule):
 
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.net.parameters(), lr=self.lr)
-        warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, self.warmup_steps)))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+        return {"optimizer": opt, "lr_scheduler": linear_warmup(opt, self.warmup_steps)}

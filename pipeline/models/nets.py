@@ -62,7 +62,8 @@ def check_divisible(image_size: int, mults: Sequence[int]) -> None:
                          f"{list(mults)}; use fewer levels or another image size")
 
 
-def resolution_levels(chs: Sequence[int], res_blocks: int, resample: type[nn.Module]) -> tuple[list[nn.Module], int]:
+def resolution_levels(chs: Sequence[int], res_blocks: int,
+                      resample: type[nn.Module]) -> tuple[list[nn.Module], int]:
     """Residual blocks at each level's width, with ``resample`` (down or up) between levels."""
     layers: list[nn.Module] = []
     prev = chs[0]
