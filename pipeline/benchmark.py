@@ -1,172 +1,55 @@
-"""``genbench benchmark``: sample a trained run, score it against its reference shards, write one record.
+"""``genbench benchmark``: score a trained run, or images from anywhere, into one result record.
 
 A record is immutable: it is written once under a fresh name (atomically, refusing to replace any
 file) and never edited. A metric that cannot be computed is absent from ``metrics`` and listed in
-``skipped`` with the reason; no number in a record is made up.
+``skipped`` with the reason; no number in a record is made up. With ``repeats`` R > 1 the run is
+sampled R times (seeds seed, seed+1, ...): ``metrics`` holds the means, ``metrics_std`` the standard
+deviations and ``repeats`` every draw's metrics.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
 import secrets
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 import yaml
-from tqdm import tqdm
 
-from pipeline.data.datamodule import reference_batches
-from pipeline.data.shards import load_manifest, manifest_hash
-from pipeline.io import sha256_file, write_new_json
-from pipeline.metrics import KEY_AUDIT, KEY_FD_AUDITOR, KEY_FID
-from pipeline.metrics.auditor import auditor_path, cache_dir, load_auditor, train_auditor
-from pipeline.metrics.bias import audit, histogram
-from pipeline.metrics.features import (INCEPTION_RESIZE, InceptionFeatures, WeightsUnavailable,
-                                       resolve_inception_weights, strict_fp32)
-from pipeline.metrics.fidelity import FeatureStatistics, frechet_distance
+from pipeline.distributed import Placement
+from pipeline.images import ImageSourceError, ModelSamples, ShardImages, UniformNoise, open_images
+from pipeline.io import write_new_json
 from pipeline.models.grids import save_png
 from pipeline.provenance import describe_environment, now
+from pipeline.scoring import BenchmarkError, ScoreOptions, cache_key, parse_metrics, score
 
-ALL_METRICS = (KEY_FID, KEY_FD_AUDITOR, KEY_AUDIT)
-RECORD_VERSION = 1
+RECORD_VERSION = 2
+# Reference rows of the leaderboard: what a perfect model and no model at all would score.
+FLOOR, CEILING = "reference: held-out validation split", "reference: uniform noise"
 
-
-class BenchmarkError(RuntimeError):
-    """A run or input that cannot be benchmarked, with the reason and the fix."""
-
-
-@dataclass
-class ScoreOptions:
-    metrics: tuple[str, ...] = ALL_METRICS
-    batch_size: int = 250
-    inception_weights: Optional[str] = None
-    auditor: Optional[str] = None
-    auditor_epochs: int = 10
-    reference_split: str = "train"
-    progress: bool = True
-    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+__all__ = ["BenchmarkError", "ScoreOptions", "benchmark_run", "benchmark_images", "benchmark_reference_rows",
+           "parse_metrics", "aggregate"]
 
 
-def parse_metrics(text: str) -> tuple[str, ...]:
-    names = tuple(m.strip() for m in text.split(",") if m.strip())
-    unknown = [m for m in names if m not in ALL_METRICS]
-    if unknown or not names:
-        raise BenchmarkError(f"--metrics {text!r}: unknown {unknown}; choose from {','.join(ALL_METRICS)}")
-    return names
-
-
-def _batches(images: torch.Tensor, batch_size: int) -> Iterable[torch.Tensor]:
-    for start in range(0, len(images), batch_size):
-        yield images[start:start + batch_size]
-
-
-def _cache_key(**parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def reference_statistics(extractor: torch.nn.Module, shards: str, split: str, key: str, opts: ScoreOptions,
-                         labels_out: Optional[list] = None) -> FeatureStatistics:
-    """Feature statistics of the reference split, cached under ``key`` (manifest + extractor + weights)."""
-    path = cache_dir() / "reference-stats" / f"{key}.pt"
-    cached = FeatureStatistics.load(path, extractor.num_features)
-    if cached is not None:
-        return cached
-    stats = FeatureStatistics(extractor.num_features)
-    manifest = load_manifest(shards)
-    total = manifest["splits"][split]["num_samples"]
-    bar = tqdm(total=total, desc=f"reference features ({type(extractor).__name__})", unit="img", disable=not opts.progress)
-    for batch in reference_batches(shards, split, opts.batch_size):
-        stats.update(_features(extractor, batch["image"], opts.device))
-        bar.update(len(batch["image"]))
-    bar.close()
-    stats.save(path)
-    return stats
-
-
-def _features(extractor: torch.nn.Module, images: torch.Tensor, device: str) -> torch.Tensor:
-    with torch.no_grad(), strict_fp32():
-        out = extractor(images.to(device))
-    return (out[0] if isinstance(out, tuple) else out).float().cpu()
-
-
-def score(images: torch.Tensor, shards: str, opts: ScoreOptions,
-          requested_labels: Optional[torch.Tensor] = None) -> tuple[dict, dict, dict]:
-    """Score uint8 N x C x H x W images against a shard directory. Returns (metrics, skipped, protocol)."""
-    manifest = load_manifest(shards)
-    mhash = manifest_hash(manifest)
-    split = opts.reference_split
-    info = manifest["splits"][split]
-    if tuple(images.shape[1:]) != (info["channels"], *info["image_size"]):
-        raise BenchmarkError(f"generated images are {tuple(images.shape[1:])} (C, H, W) but the reference {shards} "
-                             f"holds {(info['channels'], *info['image_size'])}; score against matching data")
-    metrics: dict[str, Any] = {}
-    skipped: dict[str, str] = {}
-    protocol: dict[str, Any] = {"num_samples": len(images), "precision": "fp32 (TF32 off)",
-                                "reference": {"shards": str(shards), "split": split, "manifest_hash": mhash,
-                                              "num_images": info["num_samples"]},
-                                "extractors": {}}
-
-    wanted_auditor = [m for m in (KEY_FD_AUDITOR, KEY_AUDIT) if m in opts.metrics]
-    if wanted_auditor:
-        if not info["label_histogram"]:
-            for m in wanted_auditor:
-                skipped[m] = f"the reference {shards} has no labels, so there is no auditor classifier"
-        else:
-            path = Path(opts.auditor) if opts.auditor else auditor_path(mhash)
-            if not opts.auditor and not path.exists():
-                train_auditor(shards, epochs=opts.auditor_epochs, progress=opts.progress)
-            auditor, auditor_info = load_auditor(path)
-            auditor.to(opts.device)
-            protocol["extractors"]["auditor"] = {"sha256": sha256_file(path),
-                                                 "val_accuracy": auditor_info.get("val_accuracy"),
-                                                 "trained_on": auditor_info.get("manifest_hash")}
-            gen = FeatureStatistics(auditor.num_features)
-            predictions = []
-            for batch in tqdm(list(_batches(images, opts.batch_size)), desc="auditor features", unit="batch",
-                              disable=not opts.progress):
-                with torch.no_grad():
-                    feats, logits = auditor(batch.to(opts.device))
-                gen.update(feats.float().cpu())
-                predictions.append(logits.argmax(1).cpu())
-            preds = torch.cat(predictions).numpy()
-            if KEY_FD_AUDITOR in opts.metrics:
-                key = _cache_key(manifest=mhash, split=split, extractor="auditor",
-                                 weights=protocol["extractors"]["auditor"]["sha256"])
-                ref = reference_statistics(auditor, shards, split, key, opts)
-                metrics[KEY_FD_AUDITOR] = frechet_distance(gen.compute(), ref.compute())
-            if KEY_AUDIT in opts.metrics:
-                k = auditor.num_classes
-                ref_hist = np.zeros(k, dtype=np.int64)
-                ref_hist[:len(info["label_histogram"])] = info["label_histogram"]
-                metrics[KEY_AUDIT] = audit(histogram(preds, k), ref_hist,
-                                           requested=None if requested_labels is None else requested_labels.numpy(),
-                                           predictions=preds)
-
-    if KEY_FID in opts.metrics:
-        try:
-            weights = resolve_inception_weights(opts.inception_weights)
-        except WeightsUnavailable as e:
-            skipped[KEY_FID] = str(e)
-        else:
-            inception = InceptionFeatures(weights).to(opts.device)
-            protocol["extractors"]["inception"] = {"name": inception.name, "weights_sha256": inception.weights_sha256,
-                                                   "resize": INCEPTION_RESIZE}
-            gen = FeatureStatistics(inception.num_features)
-            for batch in tqdm(list(_batches(images, opts.batch_size)), desc="inception features", unit="batch",
-                              disable=not opts.progress):
-                gen.update(_features(inception, batch, opts.device))
-            key = _cache_key(manifest=mhash, split=split, extractor=inception.name, weights=inception.weights_sha256,
-                             resize=INCEPTION_RESIZE)
-            ref = reference_statistics(inception, shards, split, key, opts)
-            metrics[KEY_FID] = frechet_distance(gen.compute(), ref.compute())
-    return metrics, skipped, protocol
+def aggregate(draws: list[Any]) -> tuple[Any, Any]:
+    """(mean, standard deviation) over repeated draws of the same metrics structure, recursively:
+    numbers are averaged, lists element-wise; a value missing (None) in any draw stays None."""
+    first = draws[0]
+    if isinstance(first, dict):
+        pairs = {k: aggregate([d.get(k) for d in draws]) for k in first}
+        return {k: m for k, (m, _) in pairs.items()}, {k: s for k, (_, s) in pairs.items() if s is not None}
+    if isinstance(first, (list, tuple)) and first and not isinstance(first[0], str):
+        pairs = [aggregate([d[i] for d in draws]) for i in range(len(first))]
+        return [m for m, _ in pairs], [s for _, s in pairs]
+    if isinstance(first, bool) or not isinstance(first, (int, float)) or any(d is None for d in draws):
+        return (first if all(d == first for d in draws) else None), None
+    values = np.asarray(draws, dtype=np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if len(draws) > 1 else 0.0
 
 
 def load_run_model(run_dir: Path, device: str = "cpu"):
@@ -185,13 +68,62 @@ def load_run_model(run_dir: Path, device: str = "cpu"):
     return model, config
 
 
+def _evaluate(make_source, seeds: list[int], reference, opts: ScoreOptions, placement: Placement):
+    """Score one source per seed; returns (metrics, metrics_std, per-draw metrics, skipped, protocol, preview, s)."""
+    draws, preview, seconds = [], [], 0.0
+    skipped: dict = {}
+    protocol: dict = {}
+    for i, seed in enumerate(seeds):
+        source = make_source(seed)
+        t0 = time.perf_counter()
+        metrics, skipped, protocol = score(source, reference, opts, placement, preview if i == 0 else None)
+        seconds += getattr(source, "sampling_seconds", time.perf_counter() - t0)
+        draws.append(metrics)
+    if len(draws) == 1:
+        return draws[0], None, None, skipped, protocol, preview, seconds
+    mean, std = aggregate(draws)
+    return mean, std, draws, skipped, protocol, preview, seconds
+
+
+def _protocol_id(protocol: dict, seed: Optional[int], repeats: int) -> str:
+    """What makes two records comparable: data identity, extractors, settings; not paths or world size."""
+    extractors = {k: {f: v for f, v in e.items() if f not in ("val_accuracy",)} for k, e in protocol["extractors"].items()}
+    return cache_key(num_samples=protocol["num_samples"], seed=seed, repeats=repeats,
+                     reference=protocol["reference"]["hash"], extractors=extractors, settings=protocol.get("settings"))
+
+
+def _write_record(results: Path, name: str, placement: Placement, metrics: dict, std: Optional[dict],
+                  draws: Optional[list], skipped: dict, protocol: dict, preview: list, **fields: Any) -> Optional[Path]:
+    if not placement.is_main:
+        return None
+    seed, repeats = protocol.get("seed"), protocol.get("repeats", 1)
+    protocol["protocol_id"] = _protocol_id(protocol, seed, repeats)
+    grid = None
+    if preview:
+        images = torch.cat(preview)[:64]
+        grid = save_png(_grid(images), results / "grids" / f"{name}.png", scale=max(1, 128 // images.shape[-1]))
+    record = {"record_version": RECORD_VERSION, "name": name, "created": now(), **fields,
+              "metrics": metrics, "skipped": skipped, "protocol": protocol,
+              "benchmark_environment": describe_environment(),
+              "sample_grid": None if grid is None else str(grid.relative_to(results))}
+    if std is not None:
+        record["metrics_std"], record["repeats"] = std, draws
+    return write_new_json(results / f"{name}.json", record)
+
+
+def _record_name(stem: str, num_samples: int, seed: Optional[int]) -> str:
+    seed_part = "" if seed is None else f"-s{seed}"
+    return f"{stem}-n{num_samples}{seed_part}-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+
+
 def benchmark_run(run_dir: str | os.PathLike, num_samples: Optional[int] = None, seed: Optional[int] = None,
                   results: Optional[str] = None, opts: Optional[ScoreOptions] = None,
-                  metrics: Optional[str] = None) -> Path:
-    """Sample ``num_samples`` images from the run's EMA weights, score them, write the record; returns its path."""
+                  metrics: Optional[str] = None, repeats: int = 1, placement: Placement = Placement()) -> Optional[Path]:
+    """Sample the run's EMA weights, score against its training shards, write the record (rank 0); its path."""
     run_dir = Path(run_dir)
     opts = opts or ScoreOptions()
-    model, config = load_run_model(run_dir, opts.device)
+    device = opts.device or placement.device
+    model, config = load_run_model(run_dir, device)
     bench = config.get("benchmark", {})
     num_samples = num_samples or bench.get("num_samples", 50000)
     seed = bench.get("seed", 0) if seed is None else seed
@@ -201,46 +133,90 @@ def benchmark_run(run_dir: str | os.PathLike, num_samples: Optional[int] = None,
     if opts.inception_weights is None:
         opts.inception_weights = bench.get("inception_weights")
     opts.auditor_epochs = bench.get("auditor_epochs", opts.auditor_epochs)
-    _check_writable(results)
+    if repeats < 1:
+        raise BenchmarkError(f"--repeats {repeats}: draw at least one sample set")
+    check_writable(results)
+    reference = ShardImages(config["data"]["init_args"]["shards"], "train")
 
-    t0 = time.time()
-    images = []
-    for start in tqdm(range(0, num_samples, opts.batch_size), desc=f"sampling {run_dir.name}", unit="batch",
-                      disable=not opts.progress):
-        n = min(opts.batch_size, num_samples - start)
-        images.append(model.sample(n, seed=seed, first_index=start))
-    images = torch.cat(images)
-    sampling_s = time.time() - t0
-    requested = model.default_labels(num_samples) if model.conditional else None
-    shards = config["data"]["init_args"]["shards"]
-    scores, skipped, protocol = score(images, shards, opts, requested)
-    protocol["seed"] = seed
+    def make_source(s):
+        return TimedSamples(model, num_samples, s)
 
+    metrics_, std, draws, skipped, protocol, preview, seconds = _evaluate(
+        make_source, list(range(seed, seed + repeats)), reference, opts, placement)
+    protocol.update(seed=seed, repeats=repeats)
     run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
-    name = f"{run_dir.name}-n{num_samples}-s{seed}-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
-    grid = save_png(_grid(images), results / "grids" / f"{name}.png", scale=max(1, 128 // images.shape[-1]))
     cost = model.cost()
-    record = {
-        "record_version": RECORD_VERSION,
-        "name": name,
-        "created": now(),
-        "run_id": run_dir.name,
-        "run_dir": str(run_dir),
-        "family": model.family,
-        "conditional": model.conditional,
-        "metrics": scores,
-        "skipped": skipped,
-        "protocol": {**protocol, "protocol_id": _cache_key(**{k: v for k, v in protocol.items()})},
-        "provenance": {k: run_info.get(k) for k in ("config_hash", "git", "packages", "data", "seed", "hardware",
-                                                    "world_size", "status")},
-        "benchmark_environment": describe_environment(),
-        "cost": {"parameters": cost["parameters"], "nfe": cost["nfe"], "bits_per_dim": cost["bits_per_dim"],
-                 "sampling_images_per_s": round(num_samples / sampling_s, 2),
-                 "device_hours": run_info.get("device_hours"), "images_seen": run_info.get("images_seen"),
-                 "global_step": run_info.get("global_step")},
-        "sample_grid": str(grid.relative_to(results)),
-    }
-    return write_new_json(results / f"{name}.json", record)
+    return _write_record(
+        results, _record_name(run_dir.name, num_samples, seed), placement, metrics_, std, draws, skipped, protocol,
+        preview, run_id=run_dir.name, run_dir=str(run_dir), family=model.family, conditional=model.conditional,
+        provenance={k: run_info.get(k) for k in ("config_hash", "git", "packages", "data", "seed", "hardware",
+                                                 "world_size", "status")},
+        cost={"parameters": cost["parameters"], "nfe": cost["nfe"], "bits_per_dim": cost["bits_per_dim"],
+              "sampling_images_per_s": round(num_samples * repeats / seconds, 2) if seconds else None,
+              "device_hours": run_info.get("device_hours"), "images_seen": run_info.get("images_seen"),
+              "global_step": run_info.get("global_step")})
+
+
+class TimedSamples(ModelSamples):
+    """Model samples that also time the sampling itself (the record's sampling images/s)."""
+
+    sampling_seconds = 0.0
+
+    def batches(self, batch_size: int, rank: int = 0, world_size: int = 1):
+        t0 = time.perf_counter()
+        for batch in super().batches(batch_size, rank, world_size):
+            self.sampling_seconds += time.perf_counter() - t0
+            yield batch
+            t0 = time.perf_counter()
+
+
+def open_reference(path: str, split: str = "train"):
+    try:
+        reference = open_images(path, split=split)
+    except ImageSourceError as e:
+        raise BenchmarkError(f"--reference: {e}") from e
+    return reference
+
+
+def benchmark_images(images: str, reference: str, labels: Optional[str] = None, results: str = "results",
+                     name: Optional[str] = None, opts: Optional[ScoreOptions] = None,
+                     placement: Placement = Placement(), **fields: Any) -> Optional[Path]:
+    """Score images produced elsewhere (an image folder or shards) against a reference; write the record."""
+    opts = opts or ScoreOptions()
+    results = Path(results)
+    check_writable(results)
+    ref = open_reference(reference)
+    try:
+        source = open_images(images, channels=ref.shape[0], labels=labels, class_names=ref.class_names)
+    except ImageSourceError as e:
+        raise BenchmarkError(f"--images: {e}") from e
+    metrics, std, draws, skipped, protocol, preview, _ = _evaluate(lambda s: source, [0], ref, opts, placement)
+    protocol.update(seed=None, repeats=1, images=source.describe())
+    name = name or Path(images).resolve().name
+    return _write_record(results, _record_name(name, source.num_images, None), placement, metrics, std, draws,
+                         skipped, protocol, preview, run_id=fields.pop("run_id", name), run_dir=None,
+                         family=fields.pop("family", "external"), conditional=labels is not None,
+                         provenance={"images": str(images), "labels": labels}, cost={}, **fields)
+
+
+def benchmark_reference_rows(shards: str, num_samples: int, seed: int = 0, results: str = "results",
+                             opts: Optional[ScoreOptions] = None, placement: Placement = Placement()) -> list[Path]:
+    """The leaderboard's frame: the held-out val split scored as if generated (the floor a perfect
+    model reaches at that sample count) and uniform noise (the ceiling), both against the train split."""
+    opts = opts or ScoreOptions()
+    out = []
+    ref = open_reference(shards)
+    val = ShardImages(shards, "val")
+    noise = UniformNoise(num_samples, ref.shape, seed)
+    for run_id, row, source, s in ((FLOOR, "floor", val, None), (CEILING, "ceiling", noise, seed)):
+        metrics, std, draws, skipped, protocol, preview, _ = _evaluate(lambda _: source, [0], ref, opts, placement)
+        protocol.update(seed=s, repeats=1, images=source.describe())
+        path = _write_record(Path(results), _record_name(row, source.num_images, s), placement, metrics, std, draws,
+                             skipped, protocol, preview, run_id=run_id, run_dir=None, family="reference",
+                             conditional=False, reference_row=row, provenance={"images": source.describe()}, cost={})
+        if path:
+            out.append(path)
+    return out
 
 
 def _grid(images: torch.Tensor, n: int = 64) -> torch.Tensor:
@@ -249,7 +225,7 @@ def _grid(images: torch.Tensor, n: int = 64) -> torch.Tensor:
     return make_grid(images[:n], nrow=8, padding=1)
 
 
-def _check_writable(results: Path) -> None:
+def check_writable(results: Path) -> None:
     try:
         results.mkdir(parents=True, exist_ok=True)
         probe = results / f".write-test-{os.getpid()}"

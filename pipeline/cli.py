@@ -10,8 +10,9 @@ from typing import Optional
 COMMANDS = {
     "prepare": "write WebDataset shards + manifest.json from a source (digits, folder:PATH, torchvision:NAME)",
     "fit": "train a model from an experiment YAML (LightningCLI; see genbench fit --help)",
-    "benchmark": "sample a trained run and score it (FID, fd_auditor, bias audit) into a result record",
-    "leaderboard": "build leaderboard.md / .csv from result records",
+    "benchmark": "score a trained run or a folder of images (FID, IS, KID, precision/recall, bias audit) "
+                 "into a result record",
+    "leaderboard": "build leaderboard.md / .csv / .html from result records",
     "run": "prepare, fit, benchmark and rank one or more experiments (or a suite such as experiments/quickstart.yaml)",
     "train-auditor": "train the auditor classifier of a shard directory (done automatically by benchmark)",
     "fetch-weights": "download torch-fidelity's InceptionV3 weights into the torch hub cache (needs internet)",
@@ -41,19 +42,38 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--label-attribute", help="CelebA: use this attribute (e.g. Male) as the class label")
     prep.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
-    bench = sub.add_parser("benchmark", help=COMMANDS["benchmark"], description=COMMANDS["benchmark"])
-    bench.add_argument("--run", required=True, help="run directory (runs/<id>)")
-    bench.add_argument("--num-samples", type=int, help="generated images to score (default: the run's benchmark.num_samples)")
+    bench = sub.add_parser(
+        "benchmark", help=COMMANDS["benchmark"], description=COMMANDS["benchmark"] +
+        ". Under torchrun or srun every rank samples and extracts its share; rank 0 writes the record.")
+    what = bench.add_mutually_exclusive_group(required=True)
+    what.add_argument("--run", help="run directory (runs/<id>): sample its EMA weights, score against its shards")
+    what.add_argument("--images", help="images made elsewhere: a folder of PNG/JPEG files, or a shard directory")
+    what.add_argument("--reference-rows", action="store_true",
+                      help="score the leaderboard's reference rows for --reference: its val split (floor) and "
+                           "uniform noise (ceiling)")
+    bench.add_argument("--reference", help="with --images/--reference-rows: shard directory (genbench prepare) "
+                                           "or image folder to compare with")
+    bench.add_argument("--labels", help="with --images: CSV of `file,label` rows, the class each image was asked to be")
+    bench.add_argument("--name", help="with --images: the row's name on the leaderboard (default: the folder name)")
+    bench.add_argument("--num-samples", type=int,
+                       help="generated images to score (default: the run's benchmark.num_samples; 50000)")
     bench.add_argument("--seed", type=int, help="seed of the generated images (default: the run's benchmark.seed)")
-    bench.add_argument("--metrics", help="comma-separated subset of fid,fd_auditor,audit (default all)")
-    bench.add_argument("--inception-weights", help="path of torch-fidelity's InceptionV3 weights")
-    bench.add_argument("--auditor", help="auditor checkpoint (default: trained and cached automatically)")
+    bench.add_argument("--repeats", type=int, default=1,
+                       help="draw this many sample sets (seeds seed..seed+R-1); the record holds mean and std")
+    bench.add_argument("--metrics", help="comma-separated subset of fid,is,kid,pr,fd_auditor,audit (default all)")
+    bench.add_argument("--inception-weights", help="path of torch-fidelity's InceptionV3 weights (pt_inception-*.pth)")
+    bench.add_argument("--auditor", help="auditor checkpoint (default: trained on the reference's labels and cached)")
     bench.add_argument("--batch-size", type=int, default=250, help="images per batch (default 250)")
-    bench.add_argument("--results", help="directory of result records (default: the run's benchmark.results)")
+    bench.add_argument("--allow-tf32", action="store_true",
+                       help="let the GPU use TF32 for features (faster; recorded in the protocol)")
+    bench.add_argument("--results", help="directory of result records (default: the run's benchmark.results, else results/)")
 
     board = sub.add_parser("leaderboard", help=COMMANDS["leaderboard"], description=COMMANDS["leaderboard"])
     board.add_argument("--results", default="results", help="directory of result records (default results/)")
     board.add_argument("--out", default="leaderboard", help="output directory (default leaderboard/)")
+    board.add_argument("--wandb", choices=("auto", "online", "offline", "off"), default="auto",
+                       help="log the table to W&B: auto = when W&B is logged in (default), offline = a local run "
+                            "to `wandb sync` later")
 
     run = sub.add_parser("run", help=COMMANDS["run"], description=COMMANDS["run"] +
                          ". Other options are dotted overrides for every experiment, e.g. --trainer.max_steps=100.")
@@ -128,19 +148,44 @@ def cmd_prepare(args, extra) -> int:
 
 
 def cmd_benchmark(args, extra) -> int:
-    from pipeline.benchmark import ScoreOptions, benchmark_run
+    from pipeline.benchmark import (ScoreOptions, benchmark_images, benchmark_reference_rows, benchmark_run,
+                                    parse_metrics)
+    from pipeline.distributed import init_from_environment, shutdown
 
-    opts = ScoreOptions(batch_size=args.batch_size, inception_weights=args.inception_weights, auditor=args.auditor)
-    record = benchmark_run(args.run, num_samples=args.num_samples, seed=args.seed, results=args.results,
-                           opts=opts, metrics=args.metrics)
-    print(f"wrote {record}")
+    if (args.images or args.reference_rows) and not args.reference:
+        raise ValueError("--images and --reference-rows need --reference SHARDS_OR_FOLDER to compare with")
+    if args.run and (args.reference or args.labels or args.name):
+        raise ValueError("--run scores against the run's own shards; --reference, --labels and --name go with --images")
+    opts = ScoreOptions(batch_size=args.batch_size, inception_weights=args.inception_weights, auditor=args.auditor,
+                        allow_tf32=args.allow_tf32)
+    if args.metrics and not args.run:
+        opts.metrics = parse_metrics(args.metrics)
+    placement = init_from_environment()
+    opts.progress = placement.is_main
+    try:
+        if args.run:
+            written = [benchmark_run(args.run, num_samples=args.num_samples, seed=args.seed, results=args.results,
+                                     opts=opts, metrics=args.metrics, repeats=args.repeats, placement=placement)]
+        elif args.images:
+            if args.repeats != 1:
+                raise ValueError("--repeats draws new samples from a run; a folder of images is one sample set")
+            written = [benchmark_images(args.images, args.reference, labels=args.labels, name=args.name,
+                                        results=args.results or "results", opts=opts, placement=placement)]
+        else:
+            written = benchmark_reference_rows(args.reference, args.num_samples or 10000, args.seed or 0,
+                                               results=args.results or "results", opts=opts, placement=placement)
+    finally:
+        shutdown(placement)
+    for path in written:
+        if path is not None:
+            print(f"wrote {path}")
     return 0
 
 
 def cmd_leaderboard(args, extra) -> int:
     from pipeline import leaderboard
 
-    path = leaderboard.build(args.results, args.out)
+    path = leaderboard.build(args.results, args.out, wandb=args.wandb)
     if path is None:
         print(f"genbench: error: no result records in {args.results}; run genbench benchmark first", file=sys.stderr)
         return 1

@@ -59,7 +59,7 @@ class BenchmarkOptions:
         num_samples: generated images scored against the reference (50000 for paper numbers).
         seed: seed of the generated images.
         batch_size: images per batch when sampling and extracting features.
-        metrics: comma-separated subset of fid,fd_auditor,audit.
+        metrics: comma-separated subset of fid,is,kid,pr,fd_auditor,audit (the Inception ones need the weights).
         inception_weights: explicit path of torch-fidelity's InceptionV3 weights (else the torch hub cache).
         auditor_epochs: training epochs of the auditor classifier when it is not cached yet.
         results: directory of the result records.
@@ -68,7 +68,7 @@ class BenchmarkOptions:
     num_samples: int = 50000
     seed: int = 0
     batch_size: int = 250
-    metrics: str = "fid,fd_auditor,audit"
+    metrics: str = "fid,is,kid,pr,fd_auditor,audit"
     inception_weights: Optional[str] = None
     auditor_epochs: int = 10
     results: str = "results"

@@ -19,7 +19,8 @@ import yaml
 from jsonargparse import ArgumentParser
 
 from pipeline import leaderboard
-from pipeline.benchmark import ScoreOptions, benchmark_run
+from pipeline.benchmark import ScoreOptions, benchmark_reference_rows, benchmark_run
+from pipeline.images import ShardImages
 from pipeline.train import DryRun, check_model_fits_data, config_hash, ensure_shards, resolve
 
 
@@ -76,6 +77,13 @@ def _finished(run_dir: Path, chash: str) -> bool:
     return info.get("status") == "finished" and info.get("config_hash") == chash
 
 
+def _has_reference_rows(results: Path, shards: str) -> bool:
+    data_hash = ShardImages(shards, "train").content_hash
+    rows = {r.get("reference_row") for r in leaderboard.load_records(results)
+            if r.get("reference_row") and r["protocol"]["reference"]["hash"] == data_hash} if results.exists() else set()
+    return {"floor", "ceiling"} <= rows
+
+
 def run(paths: list[str], overrides: list[str], runs: Optional[str] = None, results: Optional[str] = None,
         leaderboard_dir: Optional[str] = None, progress: bool = True) -> Optional[Path]:
     jobs = []
@@ -105,6 +113,12 @@ def run(paths: list[str], overrides: list[str], runs: Optional[str] = None, resu
         print(f"[benchmark] {job.run_dir}", flush=True)
         record = benchmark_run(job.run_dir, results=job.results, opts=ScoreOptions(progress=progress))
         print(f"[benchmark] wrote {record}", flush=True)
+    for job in jobs:  # the floor and ceiling rows, once per results directory and data set
+        shards = job.config.data.init_args.shards
+        if not _has_reference_rows(Path(job.results), shards):
+            for record in benchmark_reference_rows(shards, job.config.benchmark.num_samples, job.config.benchmark.seed,
+                                                   results=job.results, opts=ScoreOptions(progress=progress)):
+                print(f"[benchmark] wrote reference row {record}", flush=True)
 
     board = leaderboard.build(suite_results, suite_board)
     print(f"[leaderboard] {board}", flush=True)

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,27 +34,11 @@ def digits_shards(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def inception_weights(tmp_path_factory) -> Path:
-    """A weight file for torch-fidelity's InceptionV3 architecture, built here (no download possible).
+    """A weight file for torch-fidelity's InceptionV3 architecture, built here (no download possible),
+    with batch-norm statistics set so that features differ between images."""
+    from pipeline.metrics.features import architecture_only_inception_weights
 
-    Random weights alone give near-identical features for all images; a few forward passes in training
-    mode set the batch-norm statistics so that features differ between images.
-    """
-    from unittest import mock
-
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    torch.manual_seed(0)
-    # Only the weight *loading* is bypassed, to get the untrained architecture to build a file from.
-    with mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None), \
-            mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: {}):
-        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    net.train()
-    with torch.no_grad():
-        for _ in range(3):
-            net(torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8))
-    path = tmp_path_factory.mktemp("weights") / "inception-test.pth"
-    torch.save(net.state_dict(), path)
-    return path
+    return architecture_only_inception_weights(tmp_path_factory.mktemp("weights") / "inception-test.pth")
 
 
 def genbench(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

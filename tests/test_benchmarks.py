@@ -24,3 +24,17 @@ def test_dataloader_benchmark_writes_its_comparison(tmp_path):
         row = result["workers"][workers]
         assert row["shard_data_module"] > 0 and row["imagefolder"] > 0
         assert row["ratio_vs_imagefolder"] == pytest.approx(row["shard_data_module"] / row["imagefolder"], rel=0.01)
+
+
+@pytest.mark.slow
+def test_metrics_benchmark_compares_with_torch_fidelity_in_the_same_run(tmp_path):
+    out = tmp_path / "metrics.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "metrics.py"), "--small", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "TORCH_HOME": str(tmp_path / "torch")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["weights"].startswith("architecture only") and result["num_images_each"] == 48
+    assert result["ratio_cached_vs_torch_fidelity"] == pytest.approx(
+        result["genbench_cached_reference_s"] / result["torch_fidelity_s"], abs=2e-3)
+    assert result["feature_extraction_images_per_s"]["strict_fp32"] > 0

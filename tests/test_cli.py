@@ -16,7 +16,9 @@ def test_top_level_help_lists_every_command():
 
 @pytest.mark.parametrize("command,options", [
     ("prepare", ["--out", "--verify", "--val-fraction", "--shard-size", "--image-size", "--download"]),
-    ("benchmark", ["--run", "--num-samples", "--seed", "--metrics", "--inception-weights", "--results"]),
+    ("benchmark", ["--run", "--images", "--reference", "--labels", "--reference-rows", "--num-samples", "--seed",
+                   "--repeats", "--metrics", "--inception-weights", "--auditor", "--allow-tf32", "--results"]),
+    ("leaderboard", ["--results", "--out", "--wandb"]),
     ("leaderboard", ["--results", "--out"]),
     ("run", ["--runs", "--results", "--leaderboard"]),
     ("fit", ["--config", "--model", "--data", "--trainer.max_steps", "--benchmark.num_samples", "--run.name",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,11 +11,11 @@ import scipy.linalg
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from PIL import Image
 
-from pipeline.metrics.bias import audit, histogram
+from pipeline.metrics.accumulators import FeatureBank, FeatureStatistics
+from pipeline.metrics.bias import audit, fairness_discrepancy, histogram, per_class_fd
 from pipeline.metrics.features import WeightsUnavailable, inception_cache_path, resolve_inception_weights
-from pipeline.metrics.fidelity import FeatureStatistics, frechet_distance
+from pipeline.metrics.fidelity import frechet_distance, inception_score, kernel_inception_distance, precision_recall
 
 
 def _features(n, d, shift=0.0, seed=0):
@@ -70,11 +69,15 @@ def test_statistics_need_two_vectors_and_the_right_width():
 def _ddp_worker(rank, world, port, x, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    stats = FeatureStatistics(x.shape[1])
-    stats.update(torch.from_numpy(x[rank::world]))  # each rank sees only its share
+    stats, bank = FeatureStatistics(x.shape[1]), FeatureBank()
+    mine = np.arange(len(x))[rank::world]  # each rank sees only its share, interleaved
+    stats.update(torch.from_numpy(x[mine]))
+    bank.update(torch.from_numpy(x[mine]), torch.from_numpy(mine))
     result = stats.compute()  # torchmetrics all-reduces the float64 sums
+    gathered = bank.compute()  # ... and gathers the bank, back in sample order
     if rank == 0:
         np.save(out, np.concatenate([result["mu"], result["sigma"].ravel(), [result["count"]]]))
+        np.save(str(out).replace("stats", "bank"), gathered.numpy())
     dist.destroy_process_group()
 
 
@@ -89,6 +92,7 @@ def test_two_gloo_processes_give_the_single_process_statistics(tmp_path):
     np.testing.assert_allclose(merged[:8], single["mu"], rtol=1e-12)
     np.testing.assert_allclose(merged[8:-1].reshape(8, 8), single["sigma"], rtol=1e-10)
     assert merged[-1] == 301
+    np.testing.assert_array_equal(np.load(tmp_path / "bank.npy"), x)  # every vector, in sample order
 
 
 def test_audit_on_hand_made_predictions_with_a_class_never_generated():
@@ -119,44 +123,97 @@ def test_inception_weights_explicit_then_cache_then_clear_offline_error(tmp_path
     assert resolve_inception_weights(None) == inception_cache_path()
 
 
-def _blob_images(n, seed, bright):
-    rng = np.random.default_rng(seed)
-    images = np.zeros((n, 16, 16, 3), dtype=np.uint8)
-    for img in images:
-        y, x = rng.integers(2, 14, 2)
-        img[max(0, y - 3):y + 3, max(0, x - 3):x + 3] = rng.integers(bright // 2, bright, 3)
-        img += rng.integers(0, 30, img.shape, dtype=np.uint8)
-    return images
+def test_fairness_discrepancy_and_per_class_audit_on_hand_made_predictions():
+    # 3 classes, class 2 never generated: it counts as 0, not dropped (uniform is 1/3 each)
+    counts = histogram([0, 0, 0, 1], 3)
+    expected = np.sqrt((3 / 4 - 1 / 3) ** 2 + (1 / 4 - 1 / 3) ** 2 + (0 - 1 / 3) ** 2)
+    assert fairness_discrepancy(counts) == pytest.approx(expected, rel=1e-12)
+    assert fairness_discrepancy([7, 7, 7]) == pytest.approx(0.0, abs=1e-15)
+    out = audit(counts, None, requested=[0, 1, 2, 2], predictions=[0, 0, 0, 1], class_names=["a", "b", "c"])
+    assert out["fairness_discrepancy"] == pytest.approx(expected, rel=1e-12)
+    assert "kl_to_reference" not in out  # no reference histogram known: not made up
+    assert out["conditional_accuracy"] == pytest.approx(1 / 4)
+    assert out["conditional_accuracy_per_class"] == {"a": 1.0, "b": 0.0, "c": 0.0}
+    assert audit([1, 1, 0], None, requested=[0, 0], predictions=[0, 1])["conditional_accuracy_per_class"]["2"] is None
 
 
-@pytest.mark.slow
-def test_fid_equals_torch_fidelity_on_the_same_images_and_weights(tmp_path, inception_weights):
-    """Our FID (shards -> float64 running sums) against torch-fidelity's calculate_metrics on PNG folders."""
-    import torch_fidelity
+def test_per_class_fd_names_the_worst_class_and_leaves_unseen_classes_empty():
+    a = _features(200, 4, seed=1)
+    b, c = a + 2.0, a + 0.1  # same covariance, so FD = |shift|^2 * 4: 16 and 0.04
+    ref = _stats(a, 50).compute()
+    out = per_class_fd([_stats(b, 50).compute(), _stats(c, 50).compute(), None], [ref, ref, ref], ["x", "y", "z"])
+    assert out["per_class"]["x"] == pytest.approx(_reference_fd(b, a), rel=1e-6)
+    assert out["per_class"]["y"] == pytest.approx(_reference_fd(c, a), rel=1e-6)
+    assert out["per_class"]["z"] is None  # never generated: no number
+    assert out["worst_class"] == "x"
+    assert out["worst_to_best"] == pytest.approx(16 / 0.04, rel=1e-4)
 
-    from pipeline.benchmark import ScoreOptions, score
-    from pipeline.data.shards import write_shards
-    from pipeline.data.sources import FolderSource
 
-    generated, reference = _blob_images(48, 1, 255), _blob_images(56, 2, 160)
-    for name, images in (("gen", generated), ("ref", reference)):
-        (tmp_path / name).mkdir()
-        for i, img in enumerate(images):
-            Image.fromarray(img).save(tmp_path / name / f"{i:04d}.png")
-    write_shards(FolderSource(tmp_path / "ref"), tmp_path / "shards", val_fraction=0.0, progress=False)
-    opts = ScoreOptions(metrics=("fid",), batch_size=16, inception_weights=str(inception_weights), progress=False,
-                        device="cpu")
-    images = torch.from_numpy(generated).permute(0, 3, 1, 2).contiguous()
-    metrics, skipped, protocol = score(images, str(tmp_path / "shards"), opts)
-    theirs = torch_fidelity.calculate_metrics(input1=str(tmp_path / "gen"), input2=str(tmp_path / "ref"), fid=True,
-                                              cuda=False, verbose=False, cache=False, batch_size=16,
-                                              feature_extractor_weights_path=str(inception_weights))
-    assert skipped == {}
-    assert metrics["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-4)
-    assert metrics["fid"] > 0
-    assert protocol["extractors"]["inception"]["name"] == "inception-v3-compat"
-    # the second evaluation reuses the cached reference statistics and gives the same number
-    cache = Path(os.environ["GENBENCH_CACHE"]) / "reference-stats"
-    assert len(list(cache.glob("*.pt"))) == 1
-    again, _, _ = score(images, str(tmp_path / "shards"), opts)
-    assert again["fid"] == metrics["fid"] and len(list(cache.glob("*.pt"))) == 1
+def _numpy_inception_score(logits: np.ndarray, splits: int, seed: int) -> tuple[float, float]:
+    """Salimans et al.: exp(E_x KL(p(y|x) || p(y))) per split, after torch-fidelity's seeded shuffle."""
+    x = logits[np.random.RandomState(seed).permutation(len(logits))].astype(np.float64)
+    p = np.exp(x - x.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    scores = []
+    for chunk in np.array_split(np.arange(len(p)), splits):
+        pc = p[chunk]
+        scores.append(np.exp(np.mean(np.sum(pc * (np.log(pc) - np.log(pc.mean(0, keepdims=True))), 1))))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def test_inception_score_against_numpy():
+    logits = _features(1000, 12, seed=4) * 3
+    ours = inception_score(torch.from_numpy(logits), splits=10)
+    mean, std = _numpy_inception_score(logits, 10, 2020)
+    assert ours["is_mean"] == pytest.approx(mean, rel=1e-6) and ours["is_std"] == pytest.approx(std, rel=1e-6)
+    assert ours["is_mean"] > 1.1
+    with pytest.raises(ValueError, match="at least 10 samples"):
+        inception_score(torch.zeros(5, 3), splits=10)
+
+
+def _numpy_mmd2(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD² with k(a, b) = (a.b / d + 1)^3, written out with explicit loops over pairs' sums."""
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    d, m = x.shape[1], len(x)
+    k = lambda a, b: (a @ b.T / d + 1.0) ** 3  # noqa: E731
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    off = ~np.eye(m, dtype=bool)
+    return float(kxx[off].sum() / (m * (m - 1)) + kyy[off].sum() / (m * (m - 1)) - 2 * kxy.sum() / (m * m))
+
+
+def test_kid_against_numpy_mmd():
+    x, y = _features(300, 16, seed=5), _features(300, 16, shift=0.3, seed=6)
+    # one subset of every sample: the subset is a permutation, and MMD² does not depend on order
+    full = kernel_inception_distance(torch.from_numpy(x), torch.from_numpy(y), subsets=1, subset_size=300)
+    assert full["kid_mean"] == pytest.approx(_numpy_mmd2(x, y), rel=1e-6) and full["kid_std"] == 0
+    # random subsets: the same seeded draws as torch-fidelity (generated first, then reference)
+    rng, mmds = np.random.RandomState(2020), []
+    for _ in range(5):
+        mmds.append(_numpy_mmd2(x[rng.choice(300, 100, replace=False)], y[rng.choice(300, 100, replace=False)]))
+    sub = kernel_inception_distance(torch.from_numpy(x), torch.from_numpy(y), subsets=5, subset_size=100)
+    assert sub["kid_mean"] == pytest.approx(np.mean(mmds), rel=1e-6)
+    assert sub["kid_std"] == pytest.approx(np.std(mmds), rel=1e-6)
+    halves = kernel_inception_distance(torch.from_numpy(x[:150]), torch.from_numpy(x[150:]), subsets=1, subset_size=150)
+    assert full["kid_mean"] > 10 * abs(halves["kid_mean"])  # two draws of one distribution: about 0
+
+
+def _numpy_precision_recall(gen: np.ndarray, ref: np.ndarray, k: int) -> tuple[float, float]:
+    """Kynkäänniemi et al.: a sample is covered if it lies in some other set member's k-NN ball."""
+    def radii(x):
+        d = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1))
+        return np.sort(d, 1)[:, k]  # index 0 is the point itself
+    cross = np.sqrt(((gen[:, None, :] - ref[None, :, :]) ** 2).sum(-1))
+    precision = np.mean((cross <= radii(ref)[None, :]).any(1))
+    recall = np.mean((cross.T <= radii(gen)[None, :]).any(1))
+    return float(precision), float(recall)
+
+
+def test_precision_recall_against_numpy_knn():
+    gen, ref = _features(150, 6, shift=0.4, seed=7).astype(np.float64), _features(170, 6, seed=8).astype(np.float64)
+    ours = precision_recall(torch.from_numpy(gen), torch.from_numpy(ref), neighborhood=3, batch_size=64)
+    precision, recall = _numpy_precision_recall(gen, ref, 3)
+    assert ours["precision"] == pytest.approx(precision, abs=1e-6)  # a fraction of 150: 1e-6 tells counts apart
+    assert ours["recall"] == pytest.approx(recall, abs=1e-6)
+    assert 0 < ours["precision"] < 1 and 0 < ours["recall"] < 1
+    itself = precision_recall(torch.from_numpy(ref), torch.from_numpy(ref))
+    assert itself["precision"] == 1 and itself["recall"] == 1

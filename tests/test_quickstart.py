@@ -21,11 +21,20 @@ def test_quickstart_runs_end_to_end(tmp_path):
 
     runs = {json.loads((d / "run.json").read_text())["family"]: d for d in (tmp_path / "runs").iterdir()}
     assert sorted(runs) == ["ar", "ddpm", "gan", "vae"]
-    records = {}
+    records, frame = {}, {}
     for path in (tmp_path / "results" / "quickstart").glob("*.json"):
         record = json.loads(path.read_text())
-        records[record["family"]] = record
+        if record.get("reference_row"):
+            frame[record["reference_row"]] = record
+        else:
+            records[record["family"]] = record
     assert sorted(records) == sorted(runs)
+    # the floor (held-out digits) and ceiling (noise) rows; after 30 steps a model may still be as far as noise
+    assert sorted(frame) == ["ceiling", "floor"]
+    for record in records.values():
+        assert frame["floor"]["metrics"]["fd_auditor"] < record["metrics"]["fd_auditor"]
+    html = (board.parent / "leaderboard.html").read_text()
+    assert html.count("<tr class=") == 6 and "<svg" in html
     for family, run_dir in runs.items():
         info = json.loads((run_dir / "run.json").read_text())
         assert info["status"] == "finished" and info["global_step"] == 30, family

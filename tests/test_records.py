@@ -60,7 +60,7 @@ def test_leaderboard_sorts_by_fid_when_every_row_has_it_else_fd_auditor(tmp_path
     order = [l.split("|")[2].strip() for l in text.splitlines() if l.startswith("| ") and l[2].isdigit()]
     assert order == ["a", "c", "b"]
     csv_rows = (tmp_path / "board" / "leaderboard.csv").read_text().splitlines()
-    assert csv_rows[0].startswith("rank,run,family,fid,fd_auditor") and len(csv_rows) == 4
+    assert csv_rows[0].startswith("rank,run,family,fid,is,kid,precision,recall,fd_auditor") and len(csv_rows) == 4
 
 
 def test_leaderboard_keeps_the_newest_record_per_run_and_protocol(tmp_path):

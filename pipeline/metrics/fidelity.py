@@ -1,74 +1,23 @@
-"""Fréchet distance from float64 running feature statistics, summed across DDP ranks.
+"""Fidelity metrics from feature vectors: FID, Inception Score, KID, precision/recall.
 
-Pure functions of features: nothing here knows about models or images. ``FeatureStatistics`` is a
-torchmetrics ``Metric`` so its sums are all-reduced over the ranks of a DDP job (no rank ever holds
-all the features), and the distance itself is torch-fidelity's ``fid_statistics_to_metric``, so a
-number here is torch-fidelity's number for the same statistics.
+Pure functions of features, nothing here knows about models or images. Each one calls
+torch-fidelity's own implementation, so a number here is torch-fidelity's number for the same
+features; genbench's part is to feed them features accumulated across ranks and cached reference
+statistics. The settings are the published protocols, recorded in every result.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional
-
 import numpy as np
 import torch
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
-from torchmetrics import Metric
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 
-from pipeline.io import atomic_write_bytes
+from pipeline.metrics import (KEY_IS_MEAN, KEY_IS_STD, KEY_KID_MEAN, KEY_KID_STD, KEY_PRECISION, KEY_RECALL)
 
-
-class FeatureStatistics(Metric):
-    """Running sum, sum of outer products and count of feature vectors, in float64."""
-
-    full_state_update = False
-
-    def __init__(self, num_features: int) -> None:
-        super().__init__()
-        self.num_features = num_features
-        self.add_state("feature_sum", torch.zeros(num_features, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("outer_sum", torch.zeros(num_features, num_features, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, features: torch.Tensor) -> None:
-        if features.dim() != 2 or features.shape[1] != self.num_features:
-            raise ValueError(f"expected N x {self.num_features} features, got {tuple(features.shape)}")
-        f = features.to(torch.float64)
-        self.feature_sum += f.sum(0)
-        self.outer_sum += f.T @ f
-        self.count += f.shape[0]
-
-    def compute(self) -> dict[str, np.ndarray]:
-        """Mean and unbiased covariance (as ``np.cov``), the statistics torch-fidelity's FID takes."""
-        n = int(self.count)
-        if n < 2:
-            raise ValueError(f"a covariance needs at least 2 feature vectors, got {n}")
-        mu = self.feature_sum / n
-        sigma = (self.outer_sum - n * torch.outer(mu, mu)) / (n - 1)
-        return {"mu": mu.cpu().numpy(), "sigma": sigma.cpu().numpy(), "count": n}
-
-    # -- cache of reference statistics -----------------------------------------------------------
-    def save(self, path: Path) -> None:
-        import io
-
-        buf = io.BytesIO()
-        torch.save({"feature_sum": self.feature_sum.cpu(), "outer_sum": self.outer_sum.cpu(),
-                    "count": self.count.cpu()}, buf)
-        atomic_write_bytes(path, buf.getvalue())
-
-    @classmethod
-    def load(cls, path: Path, num_features: int) -> Optional["FeatureStatistics"]:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError):
-            return None  # absent or damaged cache: recompute
-        stats = cls(num_features)
-        if state["feature_sum"].shape != (num_features,):
-            return None
-        stats.feature_sum, stats.outer_sum, stats.count = state["feature_sum"], state["outer_sum"], state["count"]
-        stats._update_count = 1  # restored sums count as updated (torchmetrics warns on compute() otherwise)
-        return stats
+RNG_SEED = 2020  # torch-fidelity's default seed of the IS shuffle and the KID subsets
 
 
 def frechet_distance(stats_a: dict, stats_b: dict) -> float:
@@ -76,3 +25,32 @@ def frechet_distance(stats_a: dict, stats_b: dict) -> float:
     a = {"mu": np.asarray(stats_a["mu"], np.float64), "sigma": np.asarray(stats_a["sigma"], np.float64)}
     b = {"mu": np.asarray(stats_b["mu"], np.float64), "sigma": np.asarray(stats_b["sigma"], np.float64)}
     return float(fid_statistics_to_metric(a, b, verbose=False)[KEY_METRIC_FID])
+
+
+def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = RNG_SEED) -> dict[str, float]:
+    """IS from unbiased logits (Salimans et al.): shuffled, then mean and std over ``splits`` chunks."""
+    if len(logits) < splits:
+        raise ValueError(f"the Inception Score needs at least {splits} samples (one per split), got {len(logits)}")
+    out = isc_features_to_metric(logits.cpu(), splits=splits, shuffle=True, rng_seed=seed)
+    return {KEY_IS_MEAN: out[KEY_METRIC_ISC_MEAN], KEY_IS_STD: out[KEY_METRIC_ISC_STD]}
+
+
+def kernel_inception_distance(generated: torch.Tensor, reference: torch.Tensor, subsets: int = 100,
+                              subset_size: int = 1000, seed: int = RNG_SEED) -> dict[str, float]:
+    """KID (Bińkowski et al.): unbiased MMD² with the cubic polynomial kernel, over random subsets.
+
+    Kernels in float64: in float32 the cubed dot products of 2048-d features lose ~1e-6 relative."""
+    out = kid_features_to_metric(generated.cpu().double(), reference.cpu().double(), kid_subsets=subsets, kid_subset_size=subset_size,
+                                 rng_seed=seed, verbose=False)
+    return {KEY_KID_MEAN: out[KEY_METRIC_KID_MEAN], KEY_KID_STD: out[KEY_METRIC_KID_STD]}
+
+
+def precision_recall(generated: torch.Tensor, reference: torch.Tensor, neighborhood: int = 3,
+                     batch_size: int = 10000) -> dict[str, float]:
+    """Improved precision and recall (Kynkäänniemi et al.) with k-NN balls; distances computed in blocks
+    on the features' device, so 50,000 x 50,000 never sits in memory at once."""
+    if min(len(generated), len(reference)) <= neighborhood:
+        raise ValueError(f"precision/recall with k={neighborhood} needs more than {neighborhood} samples per set")
+    out = prc_features_to_metric(generated, reference, prc_neighborhood=neighborhood, prc_batch_size=batch_size,
+                                 save_cpu_ram=True, verbose=False)
+    return {KEY_PRECISION: out[KEY_METRIC_PRECISION], KEY_RECALL: out[KEY_METRIC_RECALL]}

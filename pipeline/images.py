@@ -1,0 +1,216 @@
+"""Sources of images to score: a trained run's samples, shards, an image folder, uniform noise.
+
+Every source yields uint8 N x C x H x W batches with the global index of each image, and splits its
+batches over DDP ranks (batch b goes to rank b mod world size). The index makes the gathered result
+independent of the split: features are put back in index order, and a model's sample i depends only
+on (seed, i), so two processes score exactly the images one process would.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.data.datamodule import reference_batches
+from pipeline.data.shards import load_manifest, manifest_hash
+from pipeline.data.sources import IMAGE_EXTENSIONS
+
+
+class ImageSourceError(ValueError):
+    """Images that cannot be scored, with the reason and the fix."""
+
+
+@dataclass
+class Batch:
+    index: torch.Tensor  # global position of each image in the source
+    images: torch.Tensor  # uint8 N x C x H x W
+    labels: Optional[torch.Tensor] = None  # requested class (generated images) or true class (references)
+
+
+def is_shard_directory(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "manifest.json").is_file() or any(path.glob("*.tar"))
+
+
+def _key_index(key: str) -> int:
+    """genbench keys are the sample's index in its source; other tools' keys get a stable number."""
+    return int(key) if key.isdigit() else int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
+
+
+class ShardImages:
+    """One split of a shard directory, in the data module's evaluation order (no shuffle, no flip)."""
+
+    def __init__(self, shards: str | Path, split: str = "train") -> None:
+        self.shards = str(shards)
+        self.manifest = load_manifest(shards)
+        if split not in self.manifest["splits"]:
+            raise ImageSourceError(f"{shards} has no {split!r} split (it has {sorted(self.manifest['splits'])})")
+        self.split = split
+        info = self.manifest["splits"][split]
+        self.num_images = info["num_samples"]
+        self.shape = (info["channels"], *info["image_size"])
+        self.label_histogram = info["label_histogram"] or None
+        self.class_names = self.manifest.get("class_names")
+        self.content_hash = f"{manifest_hash(self.manifest)}:{split}"
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "shards", "path": self.shards, "split": self.split, "hash": self.content_hash,
+                "num_images": self.num_images}
+
+    def batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+        for batch in reference_batches(self.shards, self.split, batch_size, rank, world_size):
+            index = torch.tensor([_key_index(k) for k in batch["key"]], dtype=torch.long)
+            labels = batch["label"] if self.label_histogram else None
+            yield Batch(index, batch["image"], labels)
+
+
+class FolderImages:
+    """Every PNG/JPEG/... file under a folder (recursively, sorted by path), all of one size.
+
+    ``channels`` converts on load (1: grayscale, 3: RGB) so that images from elsewhere meet the
+    reference's format; ``labels`` is a CSV of ``file,label`` rows giving each image's class
+    (an index or a class name) for the conditional part of the audit.
+    """
+
+    def __init__(self, folder: str | Path, channels: Optional[int] = None, labels: Optional[str | Path] = None,
+                 class_names: Optional[Sequence[str]] = None) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise ImageSourceError(f"image folder {folder} does not exist")
+        self.files = sorted(p for p in self.folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not self.files:
+            raise ImageSourceError(f"{folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); "
+                                   "pass a folder of images or a shard directory from genbench prepare")
+        self.num_images = len(self.files)
+        with Image.open(self.files[0]) as first:
+            self.size = first.size
+            self.channels = channels or (1 if first.mode in ("1", "L", "I", "I;16", "F") else 3)
+        self.shape = (self.channels, self.size[1], self.size[0])
+        self.label_histogram = None
+        self.class_names = list(class_names) if class_names else None
+        self.labels = self._read_labels(Path(labels)) if labels else None
+        self._hash: Optional[str] = None
+
+    def _read_labels(self, path: Path) -> torch.Tensor:
+        if not path.is_file():
+            raise ImageSourceError(f"--labels {path} does not exist")
+        names = {n: i for i, n in enumerate(self.class_names or [])}
+        by_file: dict[str, int] = {}
+        with path.open(newline="") as f:
+            for row_number, row in enumerate(csv.reader(f), 1):
+                if not row or (row_number == 1 and row[:2] == ["file", "label"]):
+                    continue
+                if len(row) != 2:
+                    raise ImageSourceError(f"{path}:{row_number}: expected `file,label`, got {row}")
+                file, label = row[0].strip(), row[1].strip()
+                if label.lstrip("-").isdigit():
+                    by_file[file] = int(label)
+                elif label in names:
+                    by_file[file] = names[label]
+                else:
+                    raise ImageSourceError(f"{path}:{row_number}: label {label!r} is neither a class index nor one "
+                                           f"of the reference's class names {sorted(names)}")
+        labels, missing = [], []
+        for p in self.files:
+            rel = p.relative_to(self.folder).as_posix()
+            label = by_file.get(rel, by_file.get(p.name))
+            if label is None:
+                missing.append(rel)
+            labels.append(-1 if label is None else label)
+        if missing:
+            raise ImageSourceError(f"{path} gives no label for {len(missing)} image(s), e.g. {missing[:3]}; "
+                                   "give every image a `file,label` row (file relative to the image folder)")
+        return torch.tensor(labels, dtype=torch.long)
+
+    @property
+    def content_hash(self) -> str:
+        """Names and bytes of every file: any changed image gives a new reference-statistics cache key."""
+        if self._hash is None:
+            h = hashlib.sha256()
+            for p in self.files:
+                h.update(p.relative_to(self.folder).as_posix().encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
+            self._hash = h.hexdigest()
+        return self._hash
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "folder", "path": str(self.folder), "hash": self.content_hash, "num_images": self.num_images}
+
+    def _load(self, path: Path) -> torch.Tensor:
+        try:
+            with Image.open(path) as img:
+                img = img.convert("L" if self.channels == 1 else "RGB")
+                if img.size != self.size:
+                    raise ImageSourceError(f"{path} is {img.size[0]}x{img.size[1]} but {self.files[0]} is "
+                                           f"{self.size[0]}x{self.size[1]}; every image of a folder must have one size")
+                array = np.asarray(img, dtype=np.uint8)
+        except (OSError, SyntaxError) as e:
+            raise ImageSourceError(f"cannot decode {path} ({e}); remove or replace the file") from e
+        array = array[:, :, None] if array.ndim == 2 else array
+        return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+    def batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+        for b, start in enumerate(range(0, self.num_images, batch_size)):
+            if b % world_size != rank:
+                continue
+            stop = min(start + batch_size, self.num_images)
+            images = torch.stack([self._load(p) for p in self.files[start:stop]])
+            labels = None if self.labels is None else self.labels[start:stop]
+            yield Batch(torch.arange(start, stop), images, labels)
+
+
+class ModelSamples:
+    """``num_samples`` images drawn from a model (its EMA weights); conditional models are asked for
+    balanced classes (sample i requests class i mod K)."""
+
+    def __init__(self, model, num_samples: int, seed: int) -> None:
+        self.model, self.num_images, self.seed = model, num_samples, seed
+        self.shape = (model.channels, model.image_size, model.image_size)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "model", "family": self.model.family, "num_images": self.num_images, "seed": self.seed}
+
+    def batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+        for b, start in enumerate(range(0, self.num_images, batch_size)):
+            if b % world_size != rank:
+                continue
+            n = min(batch_size, self.num_images - start)
+            images = self.model.sample(n, seed=self.seed, first_index=start)
+            yield Batch(torch.arange(start, start + n), images.cpu(), self.model.default_labels(n, start))
+
+
+class UniformNoise:
+    """Uniform random pixels: the leaderboard's ceiling row (what no learning at all scores)."""
+
+    def __init__(self, num_images: int, shape: Sequence[int], seed: int = 0) -> None:
+        self.num_images, self.shape, self.seed = num_images, tuple(shape), seed
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "uniform-noise", "num_images": self.num_images, "seed": self.seed}
+
+    def batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+        for b, start in enumerate(range(0, self.num_images, batch_size)):
+            if b % world_size != rank:
+                continue
+            n = min(batch_size, self.num_images - start)
+            rng = np.random.default_rng([self.seed, start])  # depends on the batch's position, not on the rank
+            yield Batch(torch.arange(start, start + n),
+                        torch.from_numpy(rng.integers(0, 256, (n, *self.shape), dtype=np.uint8)))
+
+
+def open_images(path: str | Path, channels: Optional[int] = None, labels: Optional[str] = None,
+                class_names: Optional[Sequence[str]] = None, split: str = "train"):
+    """A shard directory (from genbench prepare or other WebDataset tools) or a folder of image files."""
+    if not Path(path).exists():
+        raise ImageSourceError(f"{path} does not exist; pass a folder of images or a shard directory")
+    if is_shard_directory(path):
+        if labels:
+            raise ImageSourceError(f"--labels applies to an image folder; the shards in {path} carry their own labels")
+        return ShardImages(path, split)
+    return FolderImages(path, channels=channels, labels=labels, class_names=class_names)
