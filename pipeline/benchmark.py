@@ -26,7 +26,7 @@ from pipeline.images import ImageSourceError, ModelSamples, ShardImages, Uniform
 from pipeline.io import write_new_json
 from pipeline.models.grids import save_png
 from pipeline.provenance import describe_environment, now
-from pipeline.scoring import BenchmarkError, ScoreOptions, cache_key, parse_metrics, score
+from pipeline.scoring import BenchmarkError, ScoreOptions, Scorer, cache_key, parse_metrics
 
 RECORD_VERSION = 2
 # Reference rows of the leaderboard: what a perfect model and no model at all would score.
@@ -68,27 +68,25 @@ def load_run_model(run_dir: Path, device: str = "cpu"):
     return model, config
 
 
-def _evaluate(make_source, seeds: list[int], reference, opts: ScoreOptions, placement: Placement):
-    """Score one source per seed; returns (metrics, metrics_std, per-draw metrics, skipped, protocol, preview, s)."""
-    draws, preview, seconds = [], [], 0.0
+def _evaluate(scorer: Scorer, sources: list) -> tuple:
+    """Score each source with one scorer; returns (metrics, metrics_std, per-draw metrics, skipped, protocol,
+    preview of the first source). With one source, std and draws are None."""
+    draws, preview = [], []
     skipped: dict = {}
     protocol: dict = {}
-    for i, seed in enumerate(seeds):
-        source = make_source(seed)
-        t0 = time.perf_counter()
-        metrics, skipped, protocol = score(source, reference, opts, placement, preview if i == 0 else None)
-        seconds += getattr(source, "sampling_seconds", time.perf_counter() - t0)
+    for i, source in enumerate(sources):
+        metrics, skipped, protocol = scorer.score(source, preview if i == 0 else None)
         draws.append(metrics)
     if len(draws) == 1:
-        return draws[0], None, None, skipped, protocol, preview, seconds
+        return draws[0], None, None, skipped, protocol, preview
     mean, std = aggregate(draws)
-    return mean, std, draws, skipped, protocol, preview, seconds
+    return mean, std, draws, skipped, protocol, preview
 
 
-def _protocol_id(protocol: dict, seed: Optional[int], repeats: int) -> str:
+def _protocol_id(protocol: dict) -> str:
     """What makes two records comparable: data identity, extractors, settings; not paths or world size."""
-    extractors = {k: {f: v for f, v in e.items() if f not in ("val_accuracy",)} for k, e in protocol["extractors"].items()}
-    return cache_key(num_samples=protocol["num_samples"], seed=seed, repeats=repeats,
+    extractors = {k: {f: v for f, v in e.items() if f != "val_accuracy"} for k, e in protocol["extractors"].items()}
+    return cache_key(num_samples=protocol["num_samples"], seed=protocol.get("seed"), repeats=protocol.get("repeats", 1),
                      reference=protocol["reference"]["hash"], extractors=extractors, settings=protocol.get("settings"))
 
 
@@ -96,8 +94,7 @@ def _write_record(results: Path, name: str, placement: Placement, metrics: dict,
                   draws: Optional[list], skipped: dict, protocol: dict, preview: list, **fields: Any) -> Optional[Path]:
     if not placement.is_main:
         return None
-    seed, repeats = protocol.get("seed"), protocol.get("repeats", 1)
-    protocol["protocol_id"] = _protocol_id(protocol, seed, repeats)
+    protocol["protocol_id"] = _protocol_id(protocol)
     grid = None
     if preview:
         images = torch.cat(preview)[:64]
@@ -137,13 +134,11 @@ def benchmark_run(run_dir: str | os.PathLike, num_samples: Optional[int] = None,
         raise BenchmarkError(f"--repeats {repeats}: draw at least one sample set")
     check_writable(results)
     reference = ShardImages(config["data"]["init_args"]["shards"], "train")
-
-    def make_source(s):
-        return TimedSamples(model, num_samples, s)
-
-    metrics_, std, draws, skipped, protocol, preview, seconds = _evaluate(
-        make_source, list(range(seed, seed + repeats)), reference, opts, placement)
+    sources = [ModelSamples(model, num_samples, s) for s in range(seed, seed + repeats)]
+    scorer = Scorer(reference, opts, placement, sources[0].shape)
+    metrics_, std, draws, skipped, protocol, preview = _evaluate(scorer, sources)
     protocol.update(seed=seed, repeats=repeats)
+    seconds = sum(s.sampling_seconds for s in sources)
     run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     cost = model.cost()
     return _write_record(
@@ -157,19 +152,6 @@ def benchmark_run(run_dir: str | os.PathLike, num_samples: Optional[int] = None,
               "global_step": run_info.get("global_step")})
 
 
-class TimedSamples(ModelSamples):
-    """Model samples that also time the sampling itself (the record's sampling images/s)."""
-
-    sampling_seconds = 0.0
-
-    def batches(self, batch_size: int, rank: int = 0, world_size: int = 1):
-        t0 = time.perf_counter()
-        for batch in super().batches(batch_size, rank, world_size):
-            self.sampling_seconds += time.perf_counter() - t0
-            yield batch
-            t0 = time.perf_counter()
-
-
 def open_reference(path: str, split: str = "train"):
     try:
         reference = open_images(path, split=split)
@@ -180,7 +162,7 @@ def open_reference(path: str, split: str = "train"):
 
 def benchmark_images(images: str, reference: str, labels: Optional[str] = None, results: str = "results",
                      name: Optional[str] = None, opts: Optional[ScoreOptions] = None,
-                     placement: Placement = Placement(), **fields: Any) -> Optional[Path]:
+                     placement: Placement = Placement()) -> Optional[Path]:
     """Score images produced elsewhere (an image folder or shards) against a reference; write the record."""
     opts = opts or ScoreOptions()
     results = Path(results)
@@ -190,13 +172,12 @@ def benchmark_images(images: str, reference: str, labels: Optional[str] = None, 
         source = open_images(images, channels=ref.shape[0], labels=labels, class_names=ref.class_names)
     except ImageSourceError as e:
         raise BenchmarkError(f"--images: {e}") from e
-    metrics, std, draws, skipped, protocol, preview, _ = _evaluate(lambda s: source, [0], ref, opts, placement)
+    metrics, std, draws, skipped, protocol, preview = _evaluate(Scorer(ref, opts, placement, source.shape), [source])
     protocol.update(seed=None, repeats=1, images=source.describe())
     name = name or Path(images).resolve().name
     return _write_record(results, _record_name(name, source.num_images, None), placement, metrics, std, draws,
-                         skipped, protocol, preview, run_id=fields.pop("run_id", name), run_dir=None,
-                         family=fields.pop("family", "external"), conditional=labels is not None,
-                         provenance={"images": str(images), "labels": labels}, cost={}, **fields)
+                         skipped, protocol, preview, run_id=name, run_dir=None, family="external",
+                         conditional=labels is not None, provenance={"images": str(images), "labels": labels}, cost={})
 
 
 def benchmark_reference_rows(shards: str, num_samples: int, seed: int = 0, results: str = "results",
@@ -206,10 +187,11 @@ def benchmark_reference_rows(shards: str, num_samples: int, seed: int = 0, resul
     opts = opts or ScoreOptions()
     out = []
     ref = open_reference(shards)
+    scorer = Scorer(ref, opts, placement, ref.shape)  # one reference pass for both rows
     val = ShardImages(shards, "val")
     noise = UniformNoise(num_samples, ref.shape, seed)
     for run_id, row, source, s in ((FLOOR, "floor", val, None), (CEILING, "ceiling", noise, seed)):
-        metrics, std, draws, skipped, protocol, preview, _ = _evaluate(lambda _: source, [0], ref, opts, placement)
+        metrics, std, draws, skipped, protocol, preview = _evaluate(scorer, [source])
         protocol.update(seed=s, repeats=1, images=source.describe())
         path = _write_record(Path(results), _record_name(row, source.num_images, s), placement, metrics, std, draws,
                              skipped, protocol, preview, run_id=run_id, run_dir=None, family="reference",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -32,6 +33,13 @@ class Batch:
     index: torch.Tensor  # global position of each image in the source
     images: torch.Tensor  # uint8 N x C x H x W
     labels: Optional[torch.Tensor] = None  # requested class (generated images) or true class (references)
+
+
+def batch_ranges(num_images: int, batch_size: int, rank: int, world_size: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) of this rank's batches: batch b goes to rank b mod world size."""
+    for b, start in enumerate(range(0, num_images, batch_size)):
+        if b % world_size == rank:
+            yield start, min(start + batch_size, num_images)
 
 
 def is_shard_directory(path: str | Path) -> bool:
@@ -156,10 +164,7 @@ class FolderImages:
         return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
     def batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
-        for b, start in enumerate(range(0, self.num_images, batch_size)):
-            if b % world_size != rank:
-                continue
-            stop = min(start + batch_size, self.num_images)
+        for start, stop in batch_ranges(self.num_images, batch_size, rank, world_size):
             images = torch.stack([self._load(p) for p in self.files[start:stop]])
             labels = None if self.labels is None else self.labels[start:stop]
             yield Batch(torch.arange(start, stop), images, labels)
@@ -167,21 +172,23 @@ class FolderImages:
 
 class ModelSamples:
     """``num_samples`` images drawn from a model (its EMA weights); conditional models are asked for
-    balanced classes (sample i requests class i mod K)."""
+    balanced classes (sample i requests class i mod K). ``sampling_seconds`` is the time spent in
+    ``sample`` alone (the record's sampling images/s), not in scoring."""
 
     def __init__(self, model, num_samples: int, seed: int) -> None:
         self.model, self.num_images, self.seed = model, num_samples, seed
         self.shape = (model.channels, model.image_size, model.image_size)
+        self.sampling_seconds = 0.0
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "model", "family": self.model.family, "num_images": self.num_images, "seed": self.seed}
 
     def batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
-        for b, start in enumerate(range(0, self.num_images, batch_size)):
-            if b % world_size != rank:
-                continue
-            n = min(batch_size, self.num_images - start)
+        for start, stop in batch_ranges(self.num_images, batch_size, rank, world_size):
+            n = stop - start
+            t0 = time.perf_counter()
             images = self.model.sample(n, seed=self.seed, first_index=start)
+            self.sampling_seconds += time.perf_counter() - t0
             yield Batch(torch.arange(start, start + n), images.cpu(), self.model.default_labels(n, start))
 
 
@@ -195,10 +202,8 @@ class UniformNoise:
         return {"kind": "uniform-noise", "num_images": self.num_images, "seed": self.seed}
 
     def batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
-        for b, start in enumerate(range(0, self.num_images, batch_size)):
-            if b % world_size != rank:
-                continue
-            n = min(batch_size, self.num_images - start)
+        for start, stop in batch_ranges(self.num_images, batch_size, rank, world_size):
+            n = stop - start
             rng = np.random.default_rng([self.seed, start])  # depends on the batch's position, not on the rank
             yield Batch(torch.arange(start, start + n),
                         torch.from_numpy(rng.integers(0, 256, (n, *self.shape), dtype=np.uint8)))

@@ -196,89 +196,106 @@ def _reference_features(name: str, reference, extractor, key: str, opts: ScoreOp
     return result
 
 
-def score(generated, reference, opts: ScoreOptions, placement: Placement = Placement(),
-          preview: Optional[list] = None) -> tuple[dict, dict, dict]:
-    """Score an image source against a reference source. Returns (metrics, skipped, protocol) on rank 0
-    (other ranks get empty metrics); every rank must call it. ``preview`` collects the first 64
-    generated images this rank sees, for the sample grid."""
-    device = opts.device or placement.device
-    metrics: dict[str, Any] = {}
-    skipped: dict[str, str] = {}
-    protocol: dict[str, Any] = {"num_samples": generated.num_images, "reference": reference.describe(),
-                                "extractors": {}, "world_size": placement.world_size}
-    wanted = set(opts.metrics)
+class Scorer:
+    """Scores image sets against one reference. The extractors are loaded and the reference features
+    computed (or read from the cache) once, here; each ``score`` call is then one pass over a
+    generated set, so ``--repeats`` and the reference rows do not redo that work. Every rank builds
+    it and calls ``score`` (both are collective)."""
 
-    inception = None
-    if wanted & set(INCEPTION_METRICS):
-        try:
-            inception = Inception(resolve_inception_weights(opts.inception_weights), device, opts.allow_tf32)
-        except WeightsUnavailable as e:
-            skipped.update({m: str(e) for m in INCEPTION_METRICS if m in wanted})
-    auditor = None
-    if wanted & set(AUDITOR_METRICS):
-        auditor, reason = _auditor(generated, reference, opts, placement, device)
-        if reason:
-            skipped.update({m: reason for m in AUDITOR_METRICS if m in wanted})
+    def __init__(self, reference, opts: ScoreOptions, placement: Placement, image_shape: tuple[int, ...]) -> None:
+        self.reference, self.opts, self.placement = reference, opts, placement
+        self.device = opts.device or placement.device
+        self.wanted = set(opts.metrics)
+        self.skipped: dict[str, str] = {}
+        self.inception = None
+        if self.wanted & set(INCEPTION_METRICS):
+            try:
+                self.inception = Inception(resolve_inception_weights(opts.inception_weights), self.device,
+                                           opts.allow_tf32)
+            except WeightsUnavailable as e:
+                self.skipped.update({m: str(e) for m in INCEPTION_METRICS if m in self.wanted})
+        self.auditor = None
+        if self.wanted & set(AUDITOR_METRICS):
+            self.auditor, reason = _auditor(image_shape, reference, opts, placement, self.device)
+            if reason:
+                self.skipped.update({m: reason for m in AUDITOR_METRICS if m in self.wanted})
+        self.labelled_reference = reference.label_histogram is not None
+        self.ref_sets: dict[str, dict] = {}
+        if self.inception is not None:
+            key = cache_key(reference=reference.content_hash, **self.inception.identity)
+            self.ref_sets["inception"] = _reference_features("inception", reference, self.inception, key, opts,
+                                                             placement, self.device, with_classes=False)
+        if self.auditor is not None:
+            key = cache_key(reference=reference.content_hash, extractor="auditor", **self.auditor.identity)
+            self.ref_sets["auditor"] = _reference_features("auditor", reference, self.auditor, key, opts, placement,
+                                                           self.device, with_classes=self.labelled_reference)
 
-    ref_sets: dict[str, dict] = {}
-    if inception is not None:
-        protocol["extractors"]["inception"] = inception.identity
-        protocol["settings"] = {"is_splits": opts.is_splits, "kid_subsets": opts.kid_subsets,
-                                "kid_subset_size": min(opts.kid_subset_size, generated.num_images, reference.num_images),
-                                "pr_neighborhood": opts.pr_neighborhood, "rng_seed": RNG_SEED}
-        key = cache_key(reference=reference.content_hash, **inception.identity)
-        ref_sets["inception"] = _reference_features("inception", reference, inception, key, opts, placement, device,
-                                                    with_classes=False)
-    labelled_reference = reference.label_histogram is not None
-    if auditor is not None:
-        protocol["extractors"]["auditor"] = auditor.identity
-        key = cache_key(reference=reference.content_hash, extractor="auditor", **auditor.identity)
-        ref_sets["auditor"] = _reference_features("auditor", reference, auditor, key, opts, placement, device,
-                                                  with_classes=labelled_reference)
+    def score(self, generated, preview: Optional[list] = None) -> tuple[dict, dict, dict]:
+        """(metrics, skipped, protocol) of one image source on rank 0 (other ranks get empty metrics).
+        ``preview`` collects the first 64 generated images this rank sees, for the sample grid."""
+        opts, placement, wanted = self.opts, self.placement, self.wanted
+        inception, auditor = self.inception, self.auditor
+        metrics: dict[str, Any] = {}
+        skipped = dict(self.skipped)
+        protocol: dict[str, Any] = {"num_samples": generated.num_images, "reference": self.reference.describe(),
+                                    "extractors": {}, "world_size": placement.world_size}
+        if inception is not None:
+            protocol["extractors"]["inception"] = inception.identity
+            protocol["settings"] = {
+                "is_splits": opts.is_splits, "kid_subsets": opts.kid_subsets,
+                "kid_subset_size": min(opts.kid_subset_size, generated.num_images, self.reference.num_images),
+                "pr_neighborhood": opts.pr_neighborhood, "rng_seed": RNG_SEED}
+        if auditor is not None:
+            protocol["extractors"]["auditor"] = auditor.identity
 
-    # one pass over the generated images through every extractor
-    gen_inception = None if inception is None else FeatureSet(
-        inception.num_features, device, keep_features=bool(wanted & {KID, PR}), keep_logits=IS in wanted)
-    gen_auditor = None if auditor is None else FeatureSet(
-        auditor.num_features, device, num_classes=auditor.num_classes, keep_requested=True)
+        # one pass over the generated images through every extractor
+        gen_inception = None if inception is None else FeatureSet(
+            inception.num_features, self.device, keep_features=bool(wanted & {KID, PR}), keep_logits=IS in wanted)
+        gen_auditor = None if auditor is None else FeatureSet(
+            auditor.num_features, self.device, num_classes=auditor.num_classes, keep_requested=True)
 
-    def extract(images):
-        return (inception(images) if inception else None, auditor(images) if auditor else None)
+        def extract(images):
+            return (inception(images) if inception else None, auditor(images) if auditor else None)
 
-    def sink(batch, out):
-        if preview is not None and sum(len(p) for p in preview) < 64:
-            preview.append(batch.images[:64 - sum(len(p) for p in preview)])
-        if gen_inception is not None:
-            gen_inception.update(batch.index, out[0][0], logits=out[0][1])
-        if gen_auditor is not None:
-            gen_auditor.update(batch.index, out[1][0], classes=out[1][1], requested=batch.labels)
+        def sink(batch, out):
+            if preview is not None and sum(len(p) for p in preview) < 64:
+                preview.append(batch.images[:64 - sum(len(p) for p in preview)])
+            if gen_inception is not None:
+                gen_inception.update(batch.index, out[0][0], logits=out[0][1])
+            if gen_auditor is not None:
+                gen_auditor.update(batch.index, out[1][0], classes=out[1][1], requested=batch.labels)
 
-    if inception is not None or auditor is not None:
-        _pass(generated, extract, sink, opts, placement, device, "generated images")
-    gen_sets = {name: fs.finalize() for name, fs in (("inception", gen_inception), ("auditor", gen_auditor))
-                if fs is not None}
-    if not placement.is_main:
-        return {}, skipped, protocol
+        if inception is not None or auditor is not None:
+            _pass(generated, extract, sink, opts, placement, self.device, "generated images")
+        gen_sets = {name: fs.finalize() for name, fs in (("inception", gen_inception), ("auditor", gen_auditor))
+                    if fs is not None}
+        if not placement.is_main:
+            return {}, skipped, protocol
 
-    if inception is not None:
-        metrics.update(_inception_metrics(gen_sets["inception"], ref_sets["inception"], wanted, opts,
-                                          protocol["settings"], skipped))
-    if auditor is not None:
-        g, r = gen_sets["auditor"], ref_sets["auditor"]
-        if FD_AUDITOR in wanted:
-            metrics[KEY_FD_AUDITOR] = frechet_distance(g["stats"], r["stats"])
-        if AUDIT in wanted:
+        if inception is not None:
+            metrics.update(_inception_metrics(gen_sets["inception"], self.ref_sets["inception"], wanted, opts,
+                                              protocol["settings"], skipped))
+        if auditor is not None:
+            metrics.update(self._auditor_metrics(gen_sets["auditor"], self.ref_sets["auditor"]))
+        return metrics, skipped, protocol
+
+    def _auditor_metrics(self, g: dict, r: dict) -> dict:
+        out: dict[str, Any] = {}
+        auditor, reference = self.auditor, self.reference
+        if FD_AUDITOR in self.wanted:
+            out[KEY_FD_AUDITOR] = frechet_distance(g["stats"], r["stats"])
+        if AUDIT in self.wanted:
             predictions = g["classes"].numpy()
             requested = None if g["requested"] is None else g["requested"].numpy()
             ref_hist = None
-            if labelled_reference:
+            if self.labelled_reference:
                 ref_hist = list(reference.label_histogram) + [0] * (auditor.num_classes - len(reference.label_histogram))
             result = audit(histogram(predictions, auditor.num_classes), ref_hist, requested=requested,
                            predictions=predictions, class_names=auditor.class_names)
-            if labelled_reference:
+            if self.labelled_reference:
                 result["per_class_fd"] = per_class_fd(g["per_class"], r["per_class"], auditor.class_names)
-            metrics[KEY_AUDIT] = result
-    return metrics, skipped, protocol
+            out[KEY_AUDIT] = result
+        return out
 
 
 def _inception_metrics(g: dict, r: dict, wanted: set, opts: ScoreOptions, settings: dict, skipped: dict) -> dict:
@@ -303,7 +320,7 @@ def _inception_metrics(g: dict, r: dict, wanted: set, opts: ScoreOptions, settin
     return out
 
 
-def _auditor(generated, reference, opts: ScoreOptions, placement: Placement, device: str):
+def _auditor(image_shape: tuple[int, ...], reference, opts: ScoreOptions, placement: Placement, device: str):
     """(AuditorExtractor, None), or (None, the reason the auditor metrics are skipped)."""
     if opts.auditor:
         path = Path(opts.auditor)
@@ -319,8 +336,8 @@ def _auditor(generated, reference, opts: ScoreOptions, placement: Placement, dev
                                      f"multi-process benchmark: genbench train-auditor --data {reference.shards}")
             train_auditor(reference.shards, epochs=opts.auditor_epochs, progress=opts.progress)
     auditor = AuditorExtractor(path, device)
-    for what, source in (("generated images", generated), ("reference", reference)):
-        if tuple(source.shape) != auditor.shape:
+    for what, shape in (("generated images", image_shape), ("reference", reference.shape)):
+        if tuple(shape) != auditor.shape:
             return None, (f"the auditor classifies {auditor.shape} (C, H, W) images but the {what} are "
-                          f"{tuple(source.shape)}; use an auditor trained on data of that size")
+                          f"{tuple(shape)}; use an auditor trained on data of that size")
     return auditor, None
