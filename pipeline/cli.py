@@ -1,4 +1,4 @@
-"""genbench command line: prepare | fit | benchmark | leaderboard | run | train-auditor | fetch-weights."""
+"""genbench command line: prepare | fit | benchmark | leaderboard | run | submit | train-auditor | fetch-weights."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ COMMANDS = {
                  "into a result record",
     "leaderboard": "build leaderboard.md / .csv / .html from result records",
     "run": "prepare, fit, benchmark and rank one or more experiments (or a suite such as experiments/quickstart.yaml)",
+    "submit": "submit a sweep (families x seeds x overrides) to SLURM: train array -> benchmark array -> leaderboard",
     "train-auditor": "train the auditor classifier of a shard directory (done automatically by benchmark)",
     "fetch-weights": "download torch-fidelity's InceptionV3 weights into the torch hub cache (needs internet)",
 }
@@ -82,6 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--results", help="directory of result records (default: the suite's, else results/)")
     run.add_argument("--leaderboard", help="leaderboard output directory (default: the suite's, else leaderboard/)")
 
+    sw = sub.add_parser("submit", help=COMMANDS["submit"], description=COMMANDS["submit"] +
+                        ". Every run is resolved and checked before the first sbatch.")
+    sw.add_argument("sweep", help="sweep YAML (see experiments/sweep-digits.yaml)")
+    sw.add_argument("--dry-run", action="store_true",
+                    help="print the task lists and the exact sbatch commands as a shell script; submit nothing")
+    sw.add_argument("--sweeps", default="sweeps", help="where each sweep's task lists, logs and sweep.json go "
+                                                       "(default sweeps/, then <name>/)")
+
     aud = sub.add_parser("train-auditor", help=COMMANDS["train-auditor"], description=COMMANDS["train-auditor"])
     aud.add_argument("--data", required=True, help="shard directory with labels")
     aud.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
@@ -124,7 +133,7 @@ def _fail(e: BaseException) -> int:
 
 
 def cmd_prepare(args, extra) -> int:
-    from pipeline.data.shards import write_shards, verify_shards
+    from pipeline.data.shards import verify_shards, write_shards
     from pipeline.data.sources import open_source
 
     if args.verify:
@@ -148,8 +157,13 @@ def cmd_prepare(args, extra) -> int:
 
 
 def cmd_benchmark(args, extra) -> int:
-    from pipeline.benchmark import (ScoreOptions, benchmark_images, benchmark_reference_rows, benchmark_run,
-                                    parse_metrics)
+    from pipeline.benchmark import (
+        ScoreOptions,
+        benchmark_images,
+        benchmark_reference_rows,
+        benchmark_run,
+        parse_metrics,
+    )
     from pipeline.distributed import init_from_environment, shutdown
 
     if (args.images or args.reference_rows) and not args.reference:
@@ -201,6 +215,29 @@ def cmd_run(args, extra) -> int:
     return 0
 
 
+def cmd_submit(args, extra) -> int:
+    from pipeline.submit import prepare_submission, script, submit
+
+    sub = prepare_submission(args.sweep, args.sweeps)
+    if args.dry_run:
+        print(script(sub), end="")
+        return 0
+    ids = submit(sub)
+    print(f"submitted sweep {sub.sweep.name!r}: {len(sub.tasks)} run(s)")
+    print(f"  train     job {ids['TRAIN_JOB']} (array 0-{len(sub.tasks) - 1})")
+    print(f"  benchmark job {ids['BENCHMARK_JOB']} (task i after training task i succeeds)")
+    for var, job in ids.items():
+        if var.startswith("REFERENCE_JOB"):
+            print(f"  reference job {job} (floor and ceiling rows)")
+    print(f"  leaderboard job {ids['LEADERBOARD_JOB']} (after all benchmarks)")
+    for task in sub.tasks:
+        print(f"  [{task.index}] {task.family} seed {task.seed} {task.grid or ''} -> {task.run_dir}")
+    print(f"logs: {sub.directory}/logs/   plan and job ids: {sub.directory}/sweep.json")
+    print(f"results: {sub.results}/   leaderboard: {sub.leaderboard}/leaderboard.md")
+    print(f"watch: squeue -j {ids['TRAIN_JOB']},{ids['BENCHMARK_JOB']},{ids['LEADERBOARD_JOB']}")
+    return 0
+
+
 def cmd_train_auditor(args, extra) -> int:
     from pathlib import Path
 
@@ -218,7 +255,7 @@ def cmd_fetch_weights(args, extra) -> int:
 
 
 COMMAND_FUNCS = {"prepare": cmd_prepare, "benchmark": cmd_benchmark, "leaderboard": cmd_leaderboard, "run": cmd_run,
-                 "train-auditor": cmd_train_auditor, "fetch-weights": cmd_fetch_weights}
+                 "submit": cmd_submit, "train-auditor": cmd_train_auditor, "fetch-weights": cmd_fetch_weights}
 
 if __name__ == "__main__":
     sys.exit(main())

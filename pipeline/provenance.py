@@ -99,8 +99,20 @@ class ProvenanceCallback(Callback):
             "wall_time_s": previous.get("wall_time_s", 0.0),
             "device_hours": previous.get("device_hours", 0.0),
             "images_seen": pl_module.images_seen,
+            "resumes": previous.get("resumes", []),
         }
         atomic_write_json(self.run_dir / "run.json", self.record)
+
+    @rank_zero_only
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The loops are restored by now: the step a resumed run continues from.
+        if trainer.ckpt_path and self.record:
+            slurm = self.record["hardware"]["slurm"] or {}
+            self.record["resumes"].append({
+                "attempt": self.record["attempts"], "checkpoint": str(trainer.ckpt_path),
+                "global_step": trainer.global_step, "time": now(),
+                "slurm_job_id": slurm.get("SLURM_JOB_ID"), "slurm_restart_count": slurm.get("SLURM_RESTART_COUNT")})
+            atomic_write_json(self.run_dir / "run.json", self.record)
 
     def _read(self) -> dict[str, Any]:
         path = self.run_dir / "run.json"
@@ -129,7 +141,11 @@ class ProvenanceCallback(Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._finish(trainer, pl_module, "interrupted" if trainer.interrupted else "finished")
+        from pipeline.preemption import RequeueOnSignal
+
+        preempted = any(isinstance(cb, RequeueOnSignal) and cb.preempted for cb in trainer.callbacks)
+        status = "preempted" if preempted else "interrupted" if trainer.interrupted else "finished"
+        self._finish(trainer, pl_module, status)
 
     @rank_zero_only
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

@@ -330,11 +330,11 @@ def _auditor(image_shape: tuple[int, ...], reference, opts: ScoreOptions, placem
     else:
         manifest_hash = reference.content_hash.split(":")[0]
         path = auditor_path(manifest_hash)
-        if not path.exists():
-            if placement.world_size > 1:
-                raise BenchmarkError(f"no auditor is cached for {reference.shards} ({path}); train it once before a "
-                                     f"multi-process benchmark: genbench train-auditor --data {reference.shards}")
-            train_auditor(reference.shards, epochs=opts.auditor_epochs, progress=opts.progress)
+        if not broadcast(path.exists(), placement):
+            # One process trains it (a single-process Trainer, whatever the launcher); the others wait for it.
+            if placement.is_main:
+                train_auditor(reference.shards, epochs=opts.auditor_epochs, progress=opts.progress)
+            barrier(placement)
     auditor = AuditorExtractor(path, device)
     for what, shape in (("generated images", image_shape), ("reference", reference.shape)):
         if tuple(shape) != auditor.shape:

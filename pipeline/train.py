@@ -17,17 +17,20 @@ from pathlib import Path
 from typing import Any, Optional
 
 from jsonargparse import Namespace
+from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
-from pytorch_lightning.loggers import CSVLogger, WandbLogger
+from pytorch_lightning.loggers import WandbLogger
 
 from pipeline.data.datamodule import ShardDataModule
 from pipeline.data.shards import MANIFEST, load_manifest
 from pipeline.io import atomic_write_text
 from pipeline.models.base import GenerativeModule
 from pipeline.options import BenchmarkOptions, PrepareOptions, RunOptions, TrackingOptions
+from pipeline.preemption import RequeueOnSignal, allocation_problem, requeue_job, slurm_job_id, under_slurm
 from pipeline.provenance import ProvenanceCallback
+from pipeline.tracking import ContinuingCSVLogger
 
 # Our train loader's __len__ is exact (per-worker quotas), and args are passed on purpose.
 warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined.*")
@@ -161,6 +164,9 @@ class GenbenchCLI(LightningCLI):
         self.run_dir = run_directory(self.config)
         if self.config.dry_run or not self._instantiate:
             raise DryRun(self.config, self.parser.dump(self.config, skip_none=False), self.run_dir)
+        problem = allocation_problem(self.config.trainer.devices) if under_slurm() else None
+        if problem:
+            raise ConfigError(problem)
         ensure_shards(self.config.data, self.config.prepare)
         check_model_fits_data(self.config)
 
@@ -172,7 +178,7 @@ class GenbenchCLI(LightningCLI):
         if _rank_from_env() == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(run_dir / "config.yaml", config_yaml)
-        loggers: list = [CSVLogger(str(run_dir), name="logs", version="")]
+        loggers: list = [ContinuingCSVLogger(str(run_dir), name="logs", version="")]
         mode = wandb_mode() if self.config.tracking.wandb else "disabled"
         tracking = {"csv": str(run_dir / "logs" / "metrics.csv"), "wandb_mode": mode}
         if mode != "disabled":
@@ -182,17 +188,27 @@ class GenbenchCLI(LightningCLI):
             tracking.update(wandb_id=wandb_id, wandb_project=self.config.tracking.project)
             if mode == "offline":  # run.json says how to upload it later
                 tracking["wandb_sync"] = f"wandb sync {run_dir}/wandb/offline-run-*"
-        # One numbered checkpoint every N steps (the newest kept) and last.ckpt beside it.
+        # One numbered checkpoint every N steps (the newest kept) and last.ckpt beside it, always under that
+        # name (no last-v1.ckpt): a rerun or a requeued job resumes from it.
         extra = [ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="step-{step:07d}", save_last=True,
                                  save_top_k=1, every_n_train_steps=self.config.run.checkpoint_every_n_steps,
-                                 auto_insert_metric_name=False),
+                                 auto_insert_metric_name=False, enable_version_counter=False),
                  ProvenanceCallback(run_dir, self.config, chash, tracking)]
-        user_callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
-        if not isinstance(user_callbacks, list):
-            user_callbacks = [user_callbacks]
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        user_callbacks = _as_list(trainer_config.get("callbacks"))
+        plugins = _as_list(trainer_config.get("plugins"))
+        if under_slurm():
+            # Lightning's own auto-requeue checkpoints inside the signal handler; RequeueOnSignal does it at a
+            # step boundary on all ranks (see pipeline/preemption.py).
+            plugins.append(SLURMEnvironment(auto_requeue=False))
+            extra.append(RequeueOnSignal(run_dir / "checkpoints" / "last.ckpt"))
         # The run directory, loggers and checkpointing are genbench's; the rest of the trainer is the config's.
         return super().instantiate_trainer(default_root_dir=str(run_dir), logger=loggers,
-                                           callbacks=list(user_callbacks) + extra, **kwargs)
+                                           callbacks=user_callbacks + extra, plugins=plugins or None, **kwargs)
+
+
+def _as_list(value: Any) -> list:
+    return [] if value is None else list(value) if isinstance(value, list) else [value]
 
 
 def _wandb_id(run_dir: Path, chash: str) -> str:
@@ -206,6 +222,13 @@ def _wandb_id(run_dir: Path, chash: str) -> str:
     return wandb_id
 
 
+def _finish_wandb() -> None:
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
+
+
 def last_checkpoint(run_dir: Path) -> Optional[Path]:
     path = run_dir / "checkpoints" / "last.ckpt"
     return path if path.exists() else None
@@ -217,6 +240,15 @@ def fit(args: list[str]) -> Path:
     assert cli.run_dir is not None
     ckpt = last_checkpoint(cli.run_dir)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    preemption = next((cb for cb in cli.trainer.callbacks if isinstance(cb, RequeueOnSignal)), None)
+    if preemption is not None and preemption.preempted:
+        job = slurm_job_id()
+        if cli.trainer.is_global_zero:
+            print(f"preempted at step {preemption.preempted_at_step}: saved {preemption.checkpoint}; "
+                  f"{'requeueing SLURM job ' + job if job else 'resubmit the same command to resume'}", flush=True)
+            _finish_wandb()  # the requeue ends the job at once: W&B would lose this attempt's unflushed curve
+            if job:
+                requeue_job(job)
     return cli.run_dir
 
 

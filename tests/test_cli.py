@@ -10,7 +10,7 @@ from conftest import genbench
 def test_top_level_help_lists_every_command():
     proc = genbench("--help")
     assert proc.returncode == 0
-    for command in ("prepare", "fit", "benchmark", "leaderboard", "run", "train-auditor", "fetch-weights"):
+    for command in ("prepare", "fit", "benchmark", "leaderboard", "run", "submit", "train-auditor", "fetch-weights"):
         assert command in proc.stdout
 
 
@@ -21,6 +21,7 @@ def test_top_level_help_lists_every_command():
     ("leaderboard", ["--results", "--out", "--wandb"]),
     ("leaderboard", ["--results", "--out"]),
     ("run", ["--runs", "--results", "--leaderboard"]),
+    ("submit", ["--dry-run", "--sweeps"]),
     ("fit", ["--config", "--model", "--data", "--trainer.max_steps", "--benchmark.num_samples", "--run.name",
              "--dry-run", "--tracking.wandb"]),
 ])

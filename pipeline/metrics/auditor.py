@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from lightning_fabric.plugins.environments import LightningEnvironment
 from pytorch_lightning import LightningModule, Trainer
 from torch import nn
 from torch.nn import functional as F
@@ -57,7 +58,9 @@ class Auditor(LightningModule):
         self.save_hyperparameters()
         self.net = AuditorNet(channels, image_size, num_classes)
         self.num_classes = num_classes
-        self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        # Always trained in one process (train_auditor), possibly beside a benchmark's process group that
+        # the other ranks are waiting in: syncing the metric over that group would block on them.
+        self.val_accuracy = MulticlassAccuracy(num_classes, average="micro", sync_on_compute=False)
 
     @property
     def num_features(self) -> int:
@@ -105,7 +108,11 @@ def train_auditor(shards: str, epochs: int = 10, seed: int = 0, out: Optional[Pa
     c, h, _ = dm.image_shape
     model = Auditor(c, h, dm.num_classes, manifest["class_names"])
     out = out or auditor_path(dm.manifest_hash)
+    # LightningEnvironment: a plain single process even when started by srun/torchrun with several ranks
+    # (rank 0 of a benchmark trains the auditor while the others wait), where Lightning would otherwise
+    # take the launcher's world size and expect every rank to join.
     trainer = Trainer(max_epochs=epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+                      plugins=[LightningEnvironment()],
                       enable_progress_bar=progress, enable_model_summary=False, check_val_every_n_epoch=epochs,
                       default_root_dir=str(out.parent))
     trainer.fit(model, datamodule=dm)

@@ -1,0 +1,112 @@
+"""SLURM preemption and time limits: checkpoint at a step boundary, requeue, resume with the same run.
+
+The templates ask SLURM for ``--signal=SIGUSR1@90``: 90 s before the job's end (time limit or
+preemption) every task gets SIGUSR1. Lightning's own auto-requeue saves the checkpoint *inside* the
+signal handler, which can run in the middle of a backward pass or a collective and then hangs or
+writes a torn state (Lightning-AI/pytorch-lightning#21406). Here the handler only sets a flag; at the
+next batch end all ranks agree (one all-reduce) and save ``checkpoints/last.ckpt`` together, training
+stops, and rank 0 requeues the job (``scontrol requeue``). The requeued job runs the same command,
+finds the same run directory (named by the config hash), and resumes from that checkpoint with the
+same W&B run id (``<run>/wandb_id``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any, Optional
+
+from lightning_fabric.plugins.environments import SLURMEnvironment
+from pytorch_lightning import LightningModule, Trainer
+from pytorch_lightning.callbacks import Checkpoint
+
+log = logging.getLogger(__name__)
+
+REQUEUE_SIGNAL = signal.SIGUSR1
+
+
+def under_slurm() -> bool:
+    """Inside a SLURM job step (srun) that Lightning treats as the cluster environment."""
+    return SLURMEnvironment.detect()
+
+
+def slurm_job_id() -> Optional[str]:
+    """The id ``scontrol requeue`` needs: ARRAYJOB_TASK for an array task, else the job id."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array_job and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def requeue_job(job_id: str) -> None:
+    """Put the job back in the queue; SLURM then ends this allocation and starts the job again later."""
+    try:
+        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"could not requeue SLURM job {job_id} ({e}); resubmit the same command to resume "
+                           "from checkpoints/last.ckpt") from e
+    if done.returncode != 0:
+        raise RuntimeError(f"scontrol requeue {job_id} failed: {done.stderr.strip()}; resubmit the same command "
+                           "to resume from checkpoints/last.ckpt")
+
+
+class RequeueOnSignal(Checkpoint):
+    """On SIGUSR1: checkpoint at the next batch end on every rank, stop, and let ``fit`` requeue the job.
+
+    A ``Checkpoint`` subclass, so Lightning runs it after every other callback, as it does ModelCheckpoint:
+    the EMA of the weights has taken this step's update when the checkpoint is written.
+
+    Args:
+        checkpoint: where the checkpoint goes (the run's ``checkpoints/last.ckpt``, which a rerun resumes from).
+        requeue: whether to requeue the job afterwards (only inside a SLURM job).
+    """
+
+    def __init__(self, checkpoint: Path, requeue: bool = True) -> None:
+        self.checkpoint = Path(checkpoint)
+        self.requeue = requeue
+        self.signalled = False
+        self.preempted_at_step: Optional[int] = None
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        # Nothing but a flag: the handler may run between any two bytecodes, even mid-collective.
+        self.signalled = True
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._previous = signal.signal(REQUEUE_SIGNAL, self._handler)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and self._previous is not None:
+            signal.signal(REQUEUE_SIGNAL, self._previous)
+            self._previous = None
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.preempted_at_step is not None:
+            return
+        # Every rank calls this at the same step; any rank signalled means all stop here.
+        if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
+            return
+        trainer.save_checkpoint(str(self.checkpoint))  # collective: all ranks, rank 0 writes (atomically)
+        self.preempted_at_step = trainer.global_step
+        trainer.should_stop = True
+        log.warning("preemption signal: saved %s at step %d, stopping", self.checkpoint, trainer.global_step)
+
+    @property
+    def preempted(self) -> bool:
+        return self.preempted_at_step is not None
+
+
+def allocation_problem(devices: Any) -> Optional[str]:
+    """Why this SLURM job's allocation does not fit the trainer (more GPUs per node than it trains on), or None."""
+    gpus = os.environ.get("SLURM_GPUS_ON_NODE")
+    if isinstance(devices, str) and devices.isdigit():  # `--trainer.devices=4` parses as the string "4"
+        devices = int(devices)
+    if not gpus or not isinstance(devices, int) or int(gpus) <= devices:
+        return None
+    return (f"this SLURM job holds {gpus} GPUs per node but trains on {devices} device(s) per node (one task per "
+            f"GPU); submit with --ntasks-per-node={gpus}, or ask for --gpus-per-node={devices}")

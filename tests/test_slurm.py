@@ -1,0 +1,334 @@
+"""SLURM for real: a two-node cluster on this machine (slurm/local-cluster.sh; `.ci/run` starts it), the
+sbatch templates, preemption and requeue, a sweep from `genbench submit`, and multi-node DDP without
+SLURM (torchrun). Skipped where no cluster runs, unless GENBENCH_REQUIRE_SLURM=1 (CI) makes that a failure."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import pytest
+import yaml
+from conftest import genbench
+
+REPO = Path(__file__).resolve().parent.parent
+GENBENCH_EXE = Path(sys.executable).parent / "genbench"
+VAE = REPO / "experiments" / "digits" / "vae.yaml"
+
+
+def _cluster_problem() -> Optional[str]:
+    if shutil.which("sbatch") is None:
+        return "sbatch not found"
+    info = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=30)
+    if info.returncode != 0:
+        return f"sinfo failed: {info.stderr.strip()}"
+    up = [line for line in info.stdout.splitlines()
+          if line.split()[1].rstrip("*~#") in ("idle", "mixed", "allocated", "completing")]
+    return None if len(up) >= 2 else f"fewer than 2 nodes up: {info.stdout.strip()!r}"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    problem = _cluster_problem()
+    if problem:
+        message = f"no usable SLURM cluster ({problem}); start one with slurm/local-cluster.sh"
+        if os.environ.get("GENBENCH_REQUIRE_SLURM") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def _job_env(cache: Path) -> dict[str, str]:
+    """What the jobs inherit (sbatch exports the environment): this venv's genbench, the probe, no network."""
+    return {**os.environ, "GENBENCH": str(GENBENCH_EXE), "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1",
+            "GENBENCH_CACHE": str(cache), "GENBENCH_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+
+
+def _sbatch(*args: str, env: dict, cwd: Path) -> str:
+    done = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().split(";")[0]
+
+
+def _jobs(job: str) -> list[dict[str, str]]:
+    """`scontrol show job` as dicts, one per job (or array task)."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
+    return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in out.splitlines() if line.strip()]
+
+
+def _wait(job: str, timeout: float = 600) -> list[dict[str, str]]:
+    deadline = time.time() + timeout
+    while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
+        if time.time() > deadline:
+            subprocess.run(["scancel", job])
+            pytest.fail(f"SLURM job {job} did not finish in {timeout} s: {_jobs(job)}")
+        time.sleep(1)
+    return _jobs(job)
+
+
+def _probe_config(path: Path, out: Path) -> Path:
+    path.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "slurm_probe.TrainingProbe", "init_args": {"out": str(out)}}]}}))
+    return path
+
+
+def _events(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _train_args(shards: Path, runs: Path, probe: Path, steps: int) -> list[str]:
+    return [str(VAE), "--config", str(probe), f"--data.init_args.shards={shards}", f"--run.root={runs}",
+            f"--trainer.max_steps={steps}", "--trainer.enable_progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def two_node_job(slurm_cluster, tmp_path_factory, digits_shards):
+    """slurm/train.sbatch on 2 nodes x 1 task: the job record, its run directory and what each rank trained on."""
+    tmp = tmp_path_factory.mktemp("two-nodes")
+    probe = _probe_config(tmp / "probe.yaml", tmp / "probe")
+    job = _sbatch("--nodes=2", "--ntasks-per-node=1", f"--output={tmp}/job-%j.out",
+                  str(REPO / "slurm" / "train.sbatch"), *_train_args(digits_shards, tmp / "runs", probe, 20), env=_job_env(tmp / "cache"), cwd=tmp)
+    (record,) = _wait(job)
+    (run_dir,) = (tmp / "runs").iterdir()
+    return {"job": job, "record": record, "run_dir": run_dir, "probe": tmp / "probe", "log": tmp / f"job-{job}.out",
+            "tmp": tmp}
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.ddp
+def test_train_sbatch_two_nodes_ddp_disjoint_data_and_complete_run_dir(two_node_job):
+    record, run_dir = two_node_job["record"], two_node_job["run_dir"]
+    assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", two_node_job["log"].read_text()[-3000:]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "finished" and info["global_step"] == 20
+    assert info["world_size"] == 2 and info["num_nodes"] == 2
+    assert info["hardware"]["slurm"]["SLURM_JOB_ID"] == two_node_job["job"]
+    assert info["hardware"]["slurm"]["SLURM_NNODES"] == "2"
+    assert info["hardware"]["slurm"]["SLURM_JOB_NODELIST"] == record["NodeList"]
+    assert info["git"]["commit"] and info["packages"]["torch"] and info["data"]["manifest_hash"]
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert int(config["trainer"]["num_nodes"]) == 2 and int(config["trainer"]["devices"]) == 1  # sbatch geometry
+    assert info["config_hash"].startswith(run_dir.name.rsplit("-", 1)[1])
+    wandb_id = (run_dir / "wandb_id").read_text().strip()
+    assert info["tracking"]["wandb_id"] == wandb_id and info["tracking"]["wandb_mode"] == "offline"
+    assert [p.name.endswith(wandb_id) for p in (run_dir / "wandb").glob("offline-run-*")] == [True]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "logs" / "metrics.csv").is_file()
+
+    ranks = [_events(two_node_job["probe"] / f"rank{r}-attempt0.jsonl") for r in (0, 1)]
+    starts = [r[0] for r in ranks]
+    assert [s["world_size"] for s in starts] == [2, 2]
+    assert starts[0]["node"] != starts[1]["node"], "both ranks ran on the same SLURM node"
+    keys = [[k for e in r if e["event"] == "batch" for k in e["keys"]] for r in ranks]
+    assert len(keys[0]) == len(keys[1]) == 20 * 64
+    assert not set(keys[0]) & set(keys[1]), "the two nodes trained on the same samples"
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.ddp
+def test_benchmark_sbatch_over_two_tasks_scores_what_one_process_scores(two_node_job):
+    """slurm/benchmark.sbatch on 2 nodes: rank 0 trains the missing auditor while the other waits, both sample
+    and extract their share, rank 0 writes the record; a single process then gives the same numbers."""
+    tmp, run_dir = two_node_job["tmp"], two_node_job["run_dir"]
+    env = _job_env(tmp / "cache")
+    common = ["--run", str(run_dir), "--num-samples", "120", "--metrics", "fd_auditor,audit", "--batch-size", "25"]
+    job = _sbatch("--nodes=2", "--ntasks-per-node=1", f"--output={tmp}/bench-%j.out",
+                  str(REPO / "slurm" / "benchmark.sbatch"), *common, "--results", str(tmp / "r2"), env=env, cwd=tmp)
+    (record,) = _wait(job)
+    assert record["JobState"] == "COMPLETED", (tmp / f"bench-{job}.out").read_text()[-3000:]
+    single = genbench("benchmark", *common, "--results", str(tmp / "r1"), env=env, cwd=tmp)
+    assert single.returncode == 0, single.stderr[-3000:]
+    (two,), (one,) = ([json.loads(p.read_text()) for p in (tmp / r).glob("*.json")] for r in ("r2", "r1"))
+    assert two["protocol"]["world_size"] == 2 and one["protocol"]["world_size"] == 1
+    assert two["protocol"]["protocol_id"] == one["protocol"]["protocol_id"]
+    assert two["metrics"]["fd_auditor"] == pytest.approx(one["metrics"]["fd_auditor"], rel=1e-6)
+    assert two["metrics"]["audit"]["class_histogram"] == one["metrics"]["audit"]["class_histogram"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.ddp
+def test_torchrun_two_nodes_on_loopback_split_data_as_slurm_does(two_node_job, tmp_path, digits_shards):
+    """The same training as two torchrun "nodes" (--nnodes=2, static rendezvous on 127.0.0.1) and no SLURM."""
+    probe = _probe_config(tmp_path / "probe.yaml", tmp_path / "probe")
+    env = {k: v for k, v in _job_env(tmp_path / "cache").items() if not k.startswith("SLURM")}
+    port = _free_port()
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1",
+         "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "pipeline.cli", "fit", "--config",
+         *_train_args(digits_shards, tmp_path / "runs", probe, 20), "--trainer.num_nodes=2", "--trainer.devices=1"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [n.communicate(timeout=600)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["world_size"] == 2 and info["num_nodes"] == 2 and info["hardware"]["slurm"] is None
+    for rank in (0, 1):
+        torchrun = _events(tmp_path / "probe" / f"rank{rank}-attempt0.jsonl")
+        slurm = _events(two_node_job["probe"] / f"rank{rank}-attempt0.jsonl")
+        assert torchrun[0]["world_size"] == slurm[0]["world_size"] == 2
+        # same seed, rank and world size: the same samples in the same order, whatever started the processes
+        assert [e["keys"] for e in torchrun[1:]] == [e["keys"] for e in slurm[1:]], f"rank {rank} data differs"
+        # same config and seed on the same hardware: the same weights, EMA and optimizer state at every step
+        assert [e["state"] for e in torchrun] == [e["state"] for e in slurm], f"rank {rank} trained differently"
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.ddp
+def test_preempted_job_checkpoints_requeues_and_resumes_the_same_state_and_wandb_run(slurm_cluster, tmp_path,
+                                                                                    digits_shards):
+    probe = _probe_config(tmp_path / "probe.yaml", tmp_path / "probe")
+    steps = 150
+    # No periodic checkpoint before the end: the resumed state can only come from the preemption checkpoint.
+    job = _sbatch("--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/job-%j.out",
+                  str(REPO / "slurm" / "train.sbatch"), *_train_args(digits_shards, tmp_path / "runs", probe, steps),
+                  "--run.checkpoint_every_n_steps=100000", env=_job_env(tmp_path / "cache"), cwd=tmp_path)
+    first = tmp_path / "probe" / "rank0-attempt0.jsonl"
+    deadline = time.time() + 300
+    while not (first.exists() and len(first.read_text().splitlines()) > 10):
+        assert time.time() < deadline, f"training did not start: {_jobs(job)}"
+        time.sleep(0.5)
+    # What --signal=SIGUSR1@90 does 90 s before the time limit: SIGUSR1 to every task of the job's steps.
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    (record,) = _wait(job)
+    log = (tmp_path / f"job-{job}.out").read_text()
+    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", log[-3000:]
+    preempted = int(re.search(r"preempted at step (\d+)", log).group(1))
+    assert 10 <= preempted < steps
+
+    run_dir = next((tmp_path / "runs").iterdir())
+    for rank in (0, 1):
+        before = [e for e in _events(tmp_path / "probe" / f"rank{rank}-attempt0.jsonl") if e["event"] == "batch"]
+        after = _events(tmp_path / "probe" / f"rank{rank}-attempt1.jsonl")
+        assert before[-1]["step"] == preempted, "training went on after the checkpoint"
+        start = after[0]
+        assert start["event"] == "start" and start["step"] == preempted
+        assert start["ckpt"] == str(run_dir / "checkpoints" / "last.ckpt")
+        # weights, EMA average and optimizer moments exactly as they were when the checkpoint was written
+        assert start["state"] == before[-1]["state"]
+        assert after[1]["step"] == preempted + 1 and after[-1]["step"] == steps
+
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "finished" and info["global_step"] == steps and info["attempts"] == 2
+    (resume,) = info["resumes"]
+    assert resume["global_step"] == preempted and resume["slurm_restart_count"] == "1"
+    assert resume["slurm_job_id"] == job
+    wandb_id = (run_dir / "wandb_id").read_text().strip()
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(p.name.endswith("-" + wandb_id) for p in runs), "W&B run id changed on resume"
+    # each attempt's offline log holds its history (the preempted one is flushed before the requeue ends it;
+    # a header alone is 7 bytes)
+    assert all((p / f"run-{wandb_id}.wandb").stat().st_size > 2000 for p in runs), [
+        (p / f"run-{wandb_id}.wandb").stat().st_size for p in runs]
+    history = list(csv.DictReader((run_dir / "logs" / "metrics.csv").open()))
+    logged = sorted({int(r["step"]) for r in history if r.get("step")})
+    assert logged[-1] >= steps - 10 and logged[0] < preempted, "the metrics curve does not span both attempts"
+
+
+def _sweep_file(tmp_path: Path, shards: Path, **changes) -> Path:
+    sweep = {"name": "t", "families": ["vae", "gan"], "experiments_dir": str(REPO / "experiments" / "digits"),
+             "seeds": [0, 1], "overrides": ["--trainer.max_steps=20", "--trainer.enable_progress_bar=false",
+                                            f"--data.init_args.shards={shards}"],
+             "runs": "runs", "results": "results", "leaderboard": "board",
+             "benchmark": {"num_samples": 100, "metrics": "fd_auditor,audit"}}
+    sweep.update(changes)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def _time(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_submit_sweep_trains_benchmarks_after_each_run_and_ranks_all_four(slurm_cluster, tmp_path, digits_shards):
+    sweep = _sweep_file(tmp_path, digits_shards)
+    env = _job_env(tmp_path / "cache")
+    done = genbench("submit", str(sweep), cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    plan = json.loads((tmp_path / "sweeps" / "t" / "sweep.json").read_text())
+    jobs = plan["jobs"]
+    assert f"train     job {jobs['TRAIN_JOB']}" in done.stdout and "board/leaderboard.md" in done.stdout
+    _wait(jobs["LEADERBOARD_JOB"], timeout=900)
+
+    train = {int(j["ArrayTaskId"]): j for j in _jobs(jobs["TRAIN_JOB"])}
+    bench = {int(j["ArrayTaskId"]): j for j in _jobs(jobs["BENCHMARK_JOB"])}
+    (board_job,) = _jobs(jobs["LEADERBOARD_JOB"])
+    assert sorted(train) == sorted(bench) == [0, 1, 2, 3]
+    for i in range(4):
+        assert train[i]["JobState"] == bench[i]["JobState"] == "COMPLETED", (train[i], bench[i])
+        assert _time(bench[i]["StartTime"]) >= _time(train[i]["EndTime"]), f"benchmark {i} started before its run"
+    assert board_job["JobState"] == "COMPLETED"
+    assert _time(board_job["StartTime"]) >= max(_time(b["EndTime"]) for b in bench.values())
+
+    # the run directories resolved on the login node are the ones the jobs trained in
+    for task in plan["tasks"]:
+        info = json.loads((tmp_path / task["run_dir"] / "run.json").read_text())
+        assert info["status"] == "finished" and info["seed"] == task["seed"] and info["family"] == task["family"]
+        assert info["hardware"]["slurm"]["SLURM_ARRAY_TASK_ID"] == str(task["index"])
+    rows = list(csv.DictReader((tmp_path / "board" / "leaderboard.csv").open()))
+    models = [r for r in rows if r["rank"] != "ref"]
+    assert sorted(r["run"] for r in models) == sorted(Path(t["run_dir"]).name for t in plan["tasks"])
+    assert sorted(r["family"] for r in models) == ["gan", "gan", "vae", "vae"]
+    assert len(rows) - len(models) == 2  # the floor and ceiling rows
+
+
+def test_submit_dry_run_prints_the_commands_and_submits_nothing(tmp_path, digits_shards):
+    sweep = _sweep_file(tmp_path, digits_shards, train={"max_parallel": 2, "time": "00:30:00"})
+    done = genbench("submit", str(sweep), "--dry-run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert not (tmp_path / "sweeps").exists() and not (tmp_path / "runs").exists()
+    assert "--array=0-3%2" in out and "--time=00:30:00" in out and "slurm/train.sbatch" in out
+    assert "--dependency=aftercorr:$TRAIN_JOB" in out and "--dependency=afterany:$BENCHMARK_JOB:$REFERENCE_JOB_1" in out
+    train_lines = out.split("train-tasks.txt <<'EOF'\n")[1].split("\nEOF")[0].splitlines()
+    assert len(train_lines) == 4 and sum("--seed_everything=1" in line for line in train_lines) == 2
+    bench_lines = out.split("benchmark-tasks.txt <<'EOF'\n")[1].split("\nEOF")[0].splitlines()
+    assert len({line.split()[1] for line in bench_lines}) == 4
+    assert all(line.startswith("--run runs/digits-") and "--num-samples 100" in line for line in bench_lines)
+    # the printed script is valid bash
+    assert subprocess.run(["bash", "-n"], input=out, text=True).returncode == 0
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"families": [], "experiments": ["missing.yaml"]}, "experiment file"),
+    ({"families": ["vae", "flow"]}, "unknown family 'flow'"),
+    ({"train": {"gpus_per_node": 2}}, "gpus_per_node=2"),
+    ({"results": "blocker/results"}, "results directory blocker/results is not writable"),
+])
+def test_submit_stops_on_bad_input_before_submitting_anything(tmp_path, digits_shards, change, message):
+    (tmp_path / "blocker").write_text("a file where a directory would have to be")
+    done = genbench("submit", str(_sweep_file(tmp_path, digits_shards, **change)), cwd=tmp_path)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "sweeps").exists(), "task lists were written for a sweep that was not submitted"
+
+
+def test_a_job_holding_more_gpus_than_devices_is_refused(monkeypatch):
+    from pipeline.preemption import allocation_problem
+
+    monkeypatch.delenv("SLURM_GPUS_ON_NODE", raising=False)
+    assert allocation_problem(1) is None
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "4")
+    assert "--ntasks-per-node=4" in allocation_problem(1)
+    assert "--ntasks-per-node=4" in allocation_problem("2")  # as `--trainer.devices=2` parses
+    assert allocation_problem(4) is None and allocation_problem("auto") is None
