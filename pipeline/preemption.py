@@ -61,12 +61,10 @@ class RequeueOnSignal(Checkpoint):
 
     Args:
         checkpoint: where the checkpoint goes (the run's ``checkpoints/last.ckpt``, which a rerun resumes from).
-        requeue: whether to requeue the job afterwards (only inside a SLURM job).
     """
 
-    def __init__(self, checkpoint: Path, requeue: bool = True) -> None:
+    def __init__(self, checkpoint: Path) -> None:
         self.checkpoint = Path(checkpoint)
-        self.requeue = requeue
         self.signalled = False
         self.preempted_at_step: Optional[int] = None
         self._previous: Any = None

@@ -77,7 +77,8 @@ def _finished(run_dir: Path, chash: str) -> bool:
     return info.get("status") == "finished" and info.get("config_hash") == chash
 
 
-def _has_reference_rows(results: Path, shards: str) -> bool:
+def has_reference_rows(results: Path, shards: str) -> bool:
+    """Whether ``results`` already holds the floor and ceiling rows of this data set."""
     data_hash = ShardImages(shards, "train").content_hash
     rows = {r.get("reference_row") for r in leaderboard.load_records(results)
             if r.get("reference_row") and r["protocol"]["reference"]["hash"] == data_hash} if results.exists() else set()
@@ -115,7 +116,7 @@ def run(paths: list[str], overrides: list[str], runs: Optional[str] = None, resu
         print(f"[benchmark] wrote {record}", flush=True)
     for job in jobs:  # the floor and ceiling rows, once per results directory and data set
         shards = job.config.data.init_args.shards
-        if not _has_reference_rows(Path(job.results), shards):
+        if not has_reference_rows(Path(job.results), shards):
             for record in benchmark_reference_rows(shards, job.config.benchmark.num_samples, job.config.benchmark.seed,
                                                    results=job.results, opts=ScoreOptions(progress=progress)):
                 print(f"[benchmark] wrote reference row {record}", flush=True)

@@ -281,7 +281,7 @@ def _resources(nodes: int, ntasks_per_node: int, gpus_per_node: int, cpus_per_ta
 
 
 def render(sweep: Sweep, tasks: list[Task], sweeps_root: Path = Path("sweeps")) -> Submission:
-    from pipeline.runner import _has_reference_rows
+    from pipeline.runner import has_reference_rows
 
     directory = sweeps_root / sweep.name
     results = sweep.results or f"results/{sweep.name}"
@@ -317,7 +317,7 @@ def render(sweep: Sweep, tasks: list[Task], sweeps_root: Path = Path("sweeps")) 
     if b.reference_rows:
         seen = set()
         for task in tasks:
-            if task.shards in seen or _has_reference_rows(Path(results), task.shards):
+            if task.shards in seen or has_reference_rows(Path(results), task.shards):
                 continue
             seen.add(task.shards)
             var = f"REFERENCE_JOB_{len(seen)}"
