@@ -53,8 +53,13 @@ def requeue_job(job_id: str) -> None:
                            "to resume from checkpoints/last.ckpt")
 
 
-class RequeueOnSignal(Checkpoint):
-    """On SIGUSR1: checkpoint at the next batch end on every rank, stop, and let ``fit`` requeue the job.
+class PreemptionCheckpoint(Checkpoint):
+    """On SIGUSR1 or SIGTERM: checkpoint at the next batch end on every rank and stop training.
+
+    SIGUSR1 is the warning ``--signal=SIGUSR1@90`` asks for before the time limit: ``fit`` then requeues the
+    job. SIGTERM is how SLURM ends a job it preempts, requeues (``scontrol requeue``) or cancels; it requeues
+    a preempted job itself, and waits ``KillWait`` seconds (30 by default) before SIGKILL, time enough to save
+    a step's state.
 
     A ``Checkpoint`` subclass, so Lightning runs it after every other callback, as it does ModelCheckpoint:
     the EMA of the weights has taken this step's update when the checkpoint is written.
@@ -65,34 +70,47 @@ class RequeueOnSignal(Checkpoint):
 
     def __init__(self, checkpoint: Path) -> None:
         self.checkpoint = Path(checkpoint)
-        self.signalled = False
+        self.signal: Optional[int] = None  # the first signal received, on this rank
         self.preempted_at_step: Optional[int] = None
-        self._previous: Any = None
+        self.requeue = False  # True when the job should requeue itself (SIGUSR1 on some rank)
+        self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: Any) -> None:
         # Nothing but a flag: the handler may run between any two bytecodes, even mid-collective.
-        self.signalled = True
+        self.signal = self.signal or signum
+
+    def _install(self, signum: int) -> None:
+        self._previous.setdefault(signum, signal.signal(signum, self._handler))
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._previous = signal.signal(REQUEUE_SIGNAL, self._handler)
+            self._install(REQUEUE_SIGNAL)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Installed after the Trainer's own SIGTERM handler, and instead of it: that one broadcasts inside the
+        # handler, a collective that can pair with another one on a rank that got the signal a moment later,
+        # and then every rank hangs until SIGKILL (seen here on 2 nodes in 1 of 3 runs).
+        self._install(signal.SIGTERM)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and self._previous is not None:
-            signal.signal(REQUEUE_SIGNAL, self._previous)
-            self._previous = None
+        if stage == "fit":
+            for signum, previous in self._previous.items():
+                signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+            self._previous = {}
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.preempted_at_step is not None:
             return
         # Every rank calls this at the same step; any rank signalled means all stop here.
-        if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
+        if not trainer.strategy.reduce_boolean_decision(self.signal is not None, all=False):
             return
+        self.requeue = trainer.strategy.reduce_boolean_decision(self.signal == REQUEUE_SIGNAL, all=False)
         trainer.save_checkpoint(str(self.checkpoint))  # collective: all ranks, rank 0 writes (atomically)
         self.preempted_at_step = trainer.global_step
         trainer.should_stop = True
-        log.warning("preemption signal: saved %s at step %d, stopping", self.checkpoint, trainer.global_step)
+        log.warning("%s: saved %s at step %d, stopping", "SIGUSR1" if self.requeue else "SIGTERM", self.checkpoint,
+                    trainer.global_step)
 
     @property
     def preempted(self) -> bool:

@@ -141,12 +141,17 @@ class ProvenanceCallback(Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from pipeline.preemption import RequeueOnSignal
-
-        preempted = any(isinstance(cb, RequeueOnSignal) and cb.preempted for cb in trainer.callbacks)
-        status = "preempted" if preempted else "interrupted" if trainer.interrupted else "finished"
-        self._finish(trainer, pl_module, status)
+        self._finish(trainer, pl_module, "preempted" if _preempted(trainer) else
+                     "interrupted" if trainer.interrupted else "finished")
 
     @rank_zero_only
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._finish(trainer, pl_module, "failed", f"{type(exception).__name__}: {exception}")
+        # Lightning ends a run that got SIGTERM with an exception, also after the step's checkpoint was saved.
+        status = "preempted" if _preempted(trainer) else "failed"
+        self._finish(trainer, pl_module, status, f"{type(exception).__name__}: {exception}")
+
+
+def _preempted(trainer: Trainer) -> bool:
+    from pipeline.preemption import PreemptionCheckpoint
+
+    return any(isinstance(cb, PreemptionCheckpoint) and cb.preempted for cb in trainer.callbacks)

@@ -28,7 +28,7 @@ from pipeline.data.shards import MANIFEST, load_manifest
 from pipeline.io import atomic_write_text
 from pipeline.models.base import GenerativeModule
 from pipeline.options import BenchmarkOptions, PrepareOptions, RunOptions, TrackingOptions
-from pipeline.preemption import RequeueOnSignal, allocation_problem, requeue_job, slurm_job_id, under_slurm
+from pipeline.preemption import PreemptionCheckpoint, allocation_problem, requeue_job, slurm_job_id, under_slurm
 from pipeline.provenance import ProvenanceCallback
 from pipeline.tracking import ContinuingCSVLogger
 
@@ -198,10 +198,10 @@ class GenbenchCLI(LightningCLI):
         user_callbacks = _as_list(trainer_config.get("callbacks"))
         plugins = _as_list(trainer_config.get("plugins"))
         if under_slurm():
-            # Lightning's own auto-requeue checkpoints inside the signal handler; RequeueOnSignal does it at a
+            # Lightning's own auto-requeue checkpoints inside the signal handler; PreemptionCheckpoint does it at a
             # step boundary on all ranks (see pipeline/preemption.py).
             plugins.append(SLURMEnvironment(auto_requeue=False))
-            extra.append(RequeueOnSignal(run_dir / "checkpoints" / "last.ckpt"))
+            extra.append(PreemptionCheckpoint(run_dir / "checkpoints" / "last.ckpt"))
         # The run directory, loggers and checkpointing are genbench's; the rest of the trainer is the config's.
         return super().instantiate_trainer(default_root_dir=str(run_dir), logger=loggers,
                                            callbacks=user_callbacks + extra, plugins=plugins or None, **kwargs)
@@ -240,8 +240,8 @@ def fit(args: list[str]) -> Path:
     assert cli.run_dir is not None
     ckpt = last_checkpoint(cli.run_dir)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt) if ckpt else None)
-    preemption = next((cb for cb in cli.trainer.callbacks if isinstance(cb, RequeueOnSignal)), None)
-    if preemption is not None and preemption.preempted:
+    preemption = next((cb for cb in cli.trainer.callbacks if isinstance(cb, PreemptionCheckpoint)), None)
+    if preemption is not None and preemption.requeue:
         job = slurm_job_id()
         if cli.trainer.is_global_zero:
             print(f"preempted at step {preemption.preempted_at_step}: saved {preemption.checkpoint}; "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 import warnings
 from collections import Counter
 from typing import Any, Iterator, Optional
@@ -217,6 +218,17 @@ class ShardStream(IterableDataset):
                 yield batch
 
 
+def ignore_sigterm(worker_id: int) -> None:
+    """Loader workers outlive a SIGTERM sent to the whole job (SLURM preempting or requeueing it).
+
+    SLURM signals every process of a job step. A worker killed by it makes the main process fail at once,
+    from PyTorch's SIGCHLD handler, before it can checkpoint the step it is in
+    (pipeline/preemption.py). So the workers leave the decision to the main process: they stop when it
+    shuts the loader down or exits (PyTorch's worker watchdog), or at SLURM's SIGKILL.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class EpochDataLoader(DataLoader):
     """A DataLoader that tells its stream the epoch before the workers start, and knows its length.
 
@@ -332,7 +344,8 @@ class ShardDataModule(LightningDataModule):
 
     def _loader(self, stream: ShardStream, epoch_fn=None) -> EpochDataLoader:
         return EpochDataLoader(stream, epoch_fn=epoch_fn, num_workers=self.num_workers,
-                               pin_memory=self.pin_memory and torch.cuda.is_available())
+                               pin_memory=self.pin_memory and torch.cuda.is_available(),
+                               worker_init_fn=ignore_sigterm if self.num_workers else None)
 
     def train_dataloader(self) -> EpochDataLoader:
         rank, world = self._placement()
