@@ -97,7 +97,8 @@ def two_node_job(slurm_cluster, tmp_path_factory, digits_shards):
     tmp = tmp_path_factory.mktemp("two-nodes")
     probe = _probe_config(tmp / "probe.yaml", tmp / "probe")
     job = _sbatch("--nodes=2", "--ntasks-per-node=1", f"--output={tmp}/job-%j.out",
-                  str(REPO / "slurm" / "train.sbatch"), *_train_args(digits_shards, tmp / "runs", probe, 20), env=_job_env(tmp / "cache"), cwd=tmp)
+                  str(REPO / "slurm" / "train.sbatch"), *_train_args(digits_shards, tmp / "runs", probe, 20),
+                  env=_job_env(tmp / "cache"), cwd=tmp)
     (record,) = _wait(job)
     (run_dir,) = (tmp / "runs").iterdir()
     return {"job": job, "record": record, "run_dir": run_dir, "probe": tmp / "probe", "log": tmp / f"job-{job}.out",
