@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 
@@ -38,3 +37,21 @@ def test_metrics_benchmark_compares_with_torch_fidelity_in_the_same_run(tmp_path
     assert result["ratio_cached_vs_torch_fidelity"] == pytest.approx(
         result["genbench_cached_reference_s"] / result["torch_fidelity_s"], abs=2e-3)
     assert result["feature_extraction_images_per_s"]["strict_fp32"] > 0
+
+
+@pytest.mark.slow
+def test_train_throughput_benchmark_compares_fit_with_a_plain_loop_for_every_family(tmp_path):
+    out = tmp_path / "cpu.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--family", "all",
+                           "--small", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and result["torch"]
+    assert sorted(result["train_throughput"]) == ["ar", "ddpm", "gan", "vae"]
+    for family, row in result["train_throughput"].items():
+        assert row["genbench_fit_images_per_s"] > 0 and row["plain_loop_images_per_s"] > 0, family
+        assert row["ratio_fit_vs_plain"] == pytest.approx(
+            row["genbench_fit_images_per_s"] / row["plain_loop_images_per_s"], rel=1e-3)
+        assert row["flops_per_image"] > 0 and row["mfu_bf16"] is None  # no bf16 peak known for a CPU
+        assert row["timed_steps"] == 4
