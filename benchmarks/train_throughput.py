@@ -19,10 +19,7 @@ checks that the script works; its figures say nothing about a GPU.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -31,26 +28,14 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image
-from pytorch_lightning import Callback
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.common import REPO, StepTimer, bf16_peak, device_name, merge_results, results_path, sync
 from pipeline.data.shards import write_shards
 from pipeline.data.sources import FolderSource
-from pipeline.io import atomic_write_json
 from pipeline.train import GenbenchCLI
 
-REPO = Path(__file__).resolve().parent.parent
 FAMILIES = ("ddpm", "vae", "gan", "ar")
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched against the device name.
-BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
-
-
-def device_name() -> str:
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-
-
-def bf16_peak(name: str) -> float | None:
-    return next((peak for key, peak in BF16_PEAK.items() if key in name), None)
 
 
 def make_shards(root: Path, n: int, size: int) -> Path:
@@ -65,30 +50,6 @@ def make_shards(root: Path, n: int, size: int) -> Path:
         Image.fromarray(img).save(folder / str(i % 10) / f"{i:06d}.png", compress_level=0)
     write_shards(FolderSource(folder), root / "shards", val_fraction=0.05, shard_size="5000", progress=False)
     return root / "shards"
-
-
-class StepTimer(Callback):
-    """Wall time of the optimizer steps after the warm-up (compilation, worker start-up, cuDNN autotuning)."""
-
-    def __init__(self, warmup: int, steps: int) -> None:
-        self.warmup, self.total, self.t0, self.t1, self.steps = warmup, warmup + steps, 0.0, 0.0, 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # Counted in batches: a GAN's global step counts its two optimizers' steps separately.
-        if batch_idx + 1 == self.warmup:
-            _sync()
-            self.t0 = time.perf_counter()
-        elif batch_idx + 1 > self.warmup:
-            self.steps += 1
-            _sync()
-            self.t1 = time.perf_counter()
-        if batch_idx + 1 >= self.total:
-            trainer.should_stop = True
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def fit_args(family: str, shards: Path, runs: Path, batch: int, steps: int, small: bool) -> list[str]:
@@ -114,7 +75,7 @@ def lightning_rate(args: list[str], warmup: int, steps: int, batch: int) -> floa
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     if wandb.run is not None:  # the next family gets a W&B run of its own
         wandb.finish()
-    return timer.steps * batch / (timer.t1 - timer.t0)
+    return timer.images_per_s
 
 
 def _optimizers(model) -> list[torch.optim.Optimizer]:
@@ -177,11 +138,11 @@ def plain_rate(args: list[str], family: str, warmup: int, steps: int, batch: int
             run()
         for _ in range(warmup):
             run()
-        _sync()
+        sync()
         t0 = time.perf_counter()
         for _ in range(steps):
             run()
-        _sync()
+        sync()
     return steps * batch / (time.perf_counter() - t0), counter.get_total_flops() / batch
 
 
@@ -212,20 +173,16 @@ def main() -> None:
         args.batch_size, args.warmup, args.steps = min(args.batch_size, 8), 2, 4
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
-    name = device_name()
-    out = Path(args.out or REPO / "benchmarks" / "results" / f"{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-')}.json")
-    results = json.loads(out.read_text()) if out.exists() else {}
-    results.update(device=name, torch=torch.__version__, date=dt.date.today().isoformat())
+    out, rows = results_path(args.out), {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         make_shards(work, 400 if args.small else 20000, 16 if args.small else 32)
         for family in FAMILIES if args.family == "all" else (args.family,):
-            row = measure(family, args.batch_size, args.warmup, args.steps, args.small, work)
-            results.setdefault("train_throughput", {})[family] = row
+            row = rows[family] = measure(family, args.batch_size, args.warmup, args.steps, args.small, work)
             print(f"{family}: genbench fit {row['genbench_fit_images_per_s']:.1f} img/s, plain loop "
                   f"{row['plain_loop_images_per_s']:.1f} img/s, ratio {row['ratio_fit_vs_plain']:.3f}, "
                   f"MFU {row['mfu_bf16']}", flush=True)
-    atomic_write_json(out, results)
+    merge_results(out, "train_throughput", rows)
     print(f"wrote {out}")
 
 

@@ -55,3 +55,34 @@ def test_train_throughput_benchmark_compares_fit_with_a_plain_loop_for_every_fam
             row["genbench_fit_images_per_s"] / row["plain_loop_images_per_s"], rel=1e-3)
         assert row["flops_per_image"] > 0 and row["mfu_bf16"] is None  # no bf16 peak known for a CPU
         assert row["timed_steps"] == 4
+
+
+@pytest.mark.slow
+def test_sample_throughput_benchmark_times_every_sampler(tmp_path):
+    out = tmp_path / "cpu.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sample_throughput.py"), "--small", "--out",
+                           str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["sample_throughput"]
+    assert sorted(rows) == ["ar-kv-cache", "ddpm-ancestral-1000", "ddpm-ddim-100", "gan", "vae"]
+    assert rows["ddpm-ancestral-1000"]["nfe"] == 1000 and rows["ddpm-ddim-100"]["nfe"] == 100
+    # 10x the network evaluations per sample: the ancestral sampler must be clearly slower
+    assert rows["ddpm-ancestral-1000"]["samples_per_s"] < rows["ddpm-ddim-100"]["samples_per_s"] / 3
+    for row in rows.values():
+        assert row["seconds_for_50000"] == pytest.approx(50000 / row["samples_per_s"], rel=1e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_scaling_benchmark_runs_one_and_two_gloo_processes(tmp_path):
+    out = tmp_path / "cpu.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scaling.py"), "--small", "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(out.read_text())["scaling"]["ddpm"]
+    assert row["backend"] == "gloo" and sorted(row["images_per_s"]) == ["1", "2"]
+    assert row["efficiency"]["1"] == 1.0
+    assert row["efficiency"]["2"] == pytest.approx(row["images_per_s"]["2"] / (2 * row["images_per_s"]["1"]),
+                                                   rel=1e-3)
