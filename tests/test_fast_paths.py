@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import REPO
 from jsonargparse.typing import import_object
 
-from conftest import REPO
 from pipeline.train import resolve
 
 
