@@ -302,6 +302,29 @@ def test_submit_sweep_trains_benchmarks_after_each_run_and_ranks_all_four(slurm_
     assert len(rows) - len(models) == 2  # the floor and ceiling rows
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_a_failed_training_run_cancels_its_benchmark_and_the_leaderboard_ranks_the_rest(slurm_cluster, tmp_path,
+                                                                                        digits_shards):
+    # lr 1e12 passes validation and diverges in training: genbench stops it on the non-finite loss
+    sweep = _sweep_file(tmp_path, digits_shards, families=["vae"], seeds=[0],
+                        grid={"model.init_args.lr": [0.002, 1.0e12]}, benchmark={
+                            "num_samples": 100, "metrics": "fd_auditor,audit", "reference_rows": False})
+    done = genbench("submit", str(sweep), cwd=tmp_path, env=_job_env(tmp_path / "cache"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    plan = json.loads((tmp_path / "sweeps" / "t" / "sweep.json").read_text())
+    _wait(plan["jobs"]["LEADERBOARD_JOB"], timeout=600)
+    train = {int(j["ArrayTaskId"]): j["JobState"] for j in _jobs(plan["jobs"]["TRAIN_JOB"])}
+    bench = {int(j["ArrayTaskId"]): j["JobState"] for j in _jobs(plan["jobs"]["BENCHMARK_JOB"])}
+    assert train == {0: "COMPLETED", 1: "FAILED"} and bench == {0: "COMPLETED", 1: "CANCELLED"}, (train, bench)
+    (board,) = _jobs(plan["jobs"]["LEADERBOARD_JOB"])
+    assert board["JobState"] == "COMPLETED"
+    rows = list(csv.DictReader((tmp_path / "board" / "leaderboard.csv").open()))
+    assert [r["run"] for r in rows] == [Path(plan["tasks"][0]["run_dir"]).name]
+    failed = json.loads((tmp_path / plan["tasks"][1]["run_dir"] / "run.json").read_text())
+    assert failed["status"] == "failed" and "non-finite" in failed["error"]
+
+
 def test_submit_dry_run_prints_the_commands_and_submits_nothing(tmp_path, digits_shards):
     sweep = _sweep_file(tmp_path, digits_shards, train={"max_parallel": 2, "time": "00:30:00"})
     done = genbench("submit", str(sweep), "--dry-run", cwd=tmp_path)
