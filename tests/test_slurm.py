@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
+import torch
 import yaml
 from conftest import genbench
 
@@ -236,6 +237,10 @@ def test_preempted_job_checkpoints_requeues_and_resumes_the_same_state_and_wandb
 
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "finished" and info["global_step"] == steps and info["attempts"] == 2
+    # the final save went to last.ckpt, which the resumed run did not write first (no last-v1.ckpt)
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("last*.ckpt")) == ["last.ckpt"]
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)[
+        "global_step"] == steps
     (resume,) = info["resumes"]
     assert resume["global_step"] == preempted and resume["slurm_restart_count"] == "1"
     assert resume["slurm_job_id"] == job
