@@ -5,16 +5,15 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO, free_port, genbench
 from PIL import Image
 
-from conftest import REPO, genbench
 from pipeline.benchmark import ScoreOptions, benchmark_images
 from pipeline.images import ShardImages
 
@@ -146,12 +145,6 @@ def test_bad_benchmark_input_stops_with_the_reason(tmp_path, digits_shards, args
     assert not list(tmp_path.glob("results/*.json"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_torchrun_two_ranks_score_exactly_what_one_process_scores(tmp_path, inception_weights):
@@ -176,7 +169,7 @@ def test_torchrun_two_ranks_score_exactly_what_one_process_scores(tmp_path, ince
     assert single.returncode == 0, single.stderr[-3000:]
     env = {**os.environ, "GENBENCH_CACHE": str(tmp_path / "c2"), "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={_free_port()}", "-m", "pipeline.cli", *common[:1], *common[1:],
+                          f"--master_port={free_port()}", "-m", "pipeline.cli", *common[:1], *common[1:],
                           "--results", str(tmp_path / "r2")], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from typing import Optional
 import pytest
 import torch
 import yaml
-from conftest import genbench
+from conftest import free_port, genbench
 
 REPO = Path(__file__).resolve().parent.parent
 GENBENCH_EXE = Path(sys.executable).parent / "genbench"
@@ -158,12 +157,6 @@ def test_benchmark_sbatch_over_two_tasks_scores_what_one_process_scores(two_node
     assert two["metrics"]["audit"]["class_histogram"] == one["metrics"]["audit"]["class_histogram"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.ddp
@@ -171,7 +164,7 @@ def test_torchrun_two_nodes_on_loopback_split_data_as_slurm_does(two_node_job, t
     """The same training as two torchrun "nodes" (--nnodes=2, static rendezvous on 127.0.0.1) and no SLURM."""
     probe = _probe_config(tmp_path / "probe.yaml", tmp_path / "probe")
     env = {k: v for k, v in _job_env(tmp_path / "cache").items() if not k.startswith("SLURM")}
-    port = _free_port()
+    port = free_port()
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1",
          "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "pipeline.cli", "fit", "--config",
