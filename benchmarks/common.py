@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -47,6 +52,74 @@ def merge_results(path: Path, section: str, rows: dict[str, Any]) -> None:
     results.update(device=device_name(), torch=torch.__version__, date=dt.date.today().isoformat())
     results.setdefault(section, {}).update(rows)
     atomic_write_json(path, results)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below pid, read from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _is_python(pid: int) -> bool:
+    try:
+        return b"python" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return False
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def torchrun(processes: int, args: list[str], env: dict[str, str], cwd: Path, timeout: float) -> str:
+    """Run ``torchrun --nproc_per_node=processes ARGS``; its output. A run that fails stops the benchmark with
+    its output; one stuck past ``timeout`` seconds is stopped with SIGABRT, which faulthandler turns into
+    every Python thread's stack, so the failure says where it was stuck."""
+    env = {**env, "PYTHONFAULTHANDLER": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+           f"--master_port={free_port()}", *args]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stuck = _descendants(proc.pid)  # torchrun starts its workers in sessions of their own
+        for pid in [*stuck, proc.pid]:
+            if _is_python(pid):  # not W&B's Go service: its goroutine dump would bury the Python stacks
+                _signal(pid, signal.SIGABRT)
+        try:
+            log, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            for pid in [*stuck, proc.pid]:
+                _signal(pid, signal.SIGKILL)
+            log, _ = proc.communicate()
+        for pid in stuck:  # whatever outlived its parent
+            _signal(pid, signal.SIGKILL)
+        raise SystemExit(f"{processes}-process run did not finish in {timeout} s; stacks of its processes:\n"
+                         f"{log[-20000:]}") from None
+    if proc.returncode != 0:
+        raise SystemExit(f"{processes}-process run failed:\n{log[-3000:]}")
+    return log
 
 
 class StepTimer(Callback):

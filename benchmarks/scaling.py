@@ -17,26 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 import yaml
 
-from benchmarks.common import REPO, merge_results, results_path
+from benchmarks.common import REPO, merge_results, results_path, torchrun
 from benchmarks.train_throughput import fit_args, make_shards
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run(processes: int, family: str, batch: int, warmup: int, steps: int, small: bool, work: Path) -> float:
+def run(processes: int, family: str, batch: int, warmup: int, steps: int, small: bool, work: Path,
+        timeout: float) -> float:
     out = work / f"timer-{family}-{processes}.json"
     timer = work / f"timer-{family}-{processes}.yaml"
     timer.write_text(yaml.safe_dump({"trainer": {"callbacks": [{"class_path": "benchmarks.common.StepTimer",
@@ -48,11 +40,7 @@ def run(processes: int, family: str, batch: int, warmup: int, steps: int, small:
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
     if not torch.cuda.is_available():
         env["OMP_NUM_THREADS"] = "1"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                           f"--master_port={_free_port()}", "-m", "pipeline.cli", "fit", *args], cwd=work, env=env,
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{processes}-process fit failed:\n{done.stderr[-3000:]}")
+    torchrun(processes, ["-m", "pipeline.cli", "fit", *args], env, work, timeout)
     return json.loads(out.read_text())["images_per_s"]
 
 
@@ -65,6 +53,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--small", action="store_true", help="tiny networks, 16x16 images, a few steps (CI)")
     p.add_argument("--out", help="results file (default benchmarks/results/<device>.json)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds one torchrun may take before it is stopped")
     args = p.parse_args()
     if args.small:
         args.batch_size, args.warmup, args.steps = min(args.batch_size, 8), 2, 6
@@ -76,7 +65,7 @@ def main() -> None:
         work = Path(tmp)
         make_shards(work, 400 if args.small else 20000, 16 if args.small else 32)
         for c in counts:
-            rates[c] = run(c, args.family, args.batch_size, args.warmup, args.steps, args.small, work)
+            rates[c] = run(c, args.family, args.batch_size, args.warmup, args.steps, args.small, work, args.timeout)
             print(f"{c} process(es): {rates[c]:.1f} img/s", flush=True)
     row = {"batch_size_per_process": args.batch_size, "small": args.small, "backend": "nccl" if gpus else "gloo",
            "images_per_s": {str(c): round(r, 2) for c, r in rates.items()},
