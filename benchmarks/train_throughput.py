@@ -123,8 +123,14 @@ def plain_step(family: str, model, optimizers: list, x: torch.Tensor) -> Callabl
     return run
 
 
-def plain_rate(args: list[str], family: str, warmup: int, steps: int, batch: int) -> tuple[float, float]:
-    """(images/s, FLOPs per image) of the plain loop."""
+def fast_paths(model) -> dict:
+    """Which of the fast paths the experiment's config turns on (both sides use the same model and optimizer)."""
+    return {"compiled": model.compile_network, "channels_last": getattr(model, "memory_format", None) ==
+            torch.channels_last, "fused_optimizer": all(o.defaults.get("fused", False) for o in _optimizers(model))}
+
+
+def plain_rate(args: list[str], family: str, warmup: int, steps: int, batch: int) -> tuple[float, float, dict]:
+    """(images/s, FLOPs per image, fast paths) of the plain loop."""
     model = GenbenchCLI(args).model
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device).train()
@@ -135,7 +141,7 @@ def plain_rate(args: list[str], family: str, warmup: int, steps: int, batch: int
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
     with autocast:
         with FlopCounterMode(display=False) as counter:
-            run()
+            torch.compiler.disable(run)()  # counted eager: the FLOPs are the network's, however it is run
         for _ in range(warmup):
             run()
         sync()
@@ -143,21 +149,21 @@ def plain_rate(args: list[str], family: str, warmup: int, steps: int, batch: int
         for _ in range(steps):
             run()
         sync()
-    return steps * batch / (time.perf_counter() - t0), counter.get_total_flops() / batch
+    return steps * batch / (time.perf_counter() - t0), counter.get_total_flops() / batch, fast_paths(model)
 
 
 def measure(family: str, batch: int, warmup: int, steps: int, small: bool, work: Path) -> dict:
     shards = work / "shards"
     args = fit_args(family, shards, work / f"runs-{family}", batch, 10 * (warmup + steps), small)
     fit = lightning_rate(args, warmup, steps, batch)
-    plain, flops = plain_rate(args, family, warmup, steps, batch)
+    plain, flops, paths = plain_rate(args, family, warmup, steps, batch)
     peak = bf16_peak(device_name())
     return {"batch_size": batch, "warmup_steps": warmup, "timed_steps": steps,
             "genbench_fit_images_per_s": round(fit, 2), "plain_loop_images_per_s": round(plain, 2),
             "ratio_fit_vs_plain": round(fit / plain, 4), "flops_per_image": flops,
             "mfu_bf16": round(flops * fit / peak, 4) if peak else None,
             "mfu_bf16_plain": round(flops * plain / peak, 4) if peak else None,
-            "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true", "small": small}
+            "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true", **paths, "small": small}
 
 
 def main() -> None:

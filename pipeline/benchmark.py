@@ -115,7 +115,8 @@ def _record_name(stem: str, num_samples: int, seed: Optional[int]) -> str:
 
 def benchmark_run(run_dir: str | os.PathLike, num_samples: Optional[int] = None, seed: Optional[int] = None,
                   results: Optional[str] = None, opts: Optional[ScoreOptions] = None,
-                  metrics: Optional[str] = None, repeats: int = 1, placement: Placement = Placement()) -> Optional[Path]:
+                  metrics: Optional[str] = None, repeats: int = 1, placement: Placement = Placement(),
+                  sample_precision: Optional[str] = None) -> Optional[Path]:
     """Sample the run's EMA weights, score against its training shards, write the record (rank 0); its path."""
     run_dir = Path(run_dir)
     opts = opts or ScoreOptions()
@@ -134,10 +135,15 @@ def benchmark_run(run_dir: str | os.PathLike, num_samples: Optional[int] = None,
         raise BenchmarkError(f"--repeats {repeats}: draw at least one sample set")
     check_writable(results)
     reference = ShardImages(config["data"]["init_args"]["shards"], "train")
-    sources = [ModelSamples(model, num_samples, s) for s in range(seed, seed + repeats)]
+    precision = sample_precision or bench.get("sample_precision", "fp32")
+    try:
+        sources = [ModelSamples(model, num_samples, s, precision) for s in range(seed, seed + repeats)]
+    except ValueError as e:
+        raise BenchmarkError(f"{e} (--sample-precision or the run's benchmark.sample_precision)") from e
     scorer = Scorer(reference, opts, placement, sources[0].shape)
     metrics_, std, draws, skipped, protocol, preview = _evaluate(scorer, sources)
-    protocol.update(seed=seed, repeats=repeats)
+    protocol.update(seed=seed, repeats=repeats, sampling={k: v for k, v in sources[0].describe().items()
+                                                         if k in ("precision", "compiled")})
     seconds = sum(s.sampling_seconds for s in sources)
     run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     cost = model.cost()

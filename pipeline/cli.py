@@ -47,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
         "benchmark", help=COMMANDS["benchmark"], description=COMMANDS["benchmark"] +
         ". Under torchrun or srun every rank samples and extracts its share; rank 0 writes the record.")
     what = bench.add_mutually_exclusive_group(required=True)
-    what.add_argument("--run", help="run directory (runs/<id>): sample its EMA weights, score against its shards")
+    what.add_argument("--run", "--run-dir", dest="run",
+                      help="run directory (runs/<id>): sample its EMA weights, score against its shards (spell it "
+                           "--run-dir under torchrun, which takes --run for its own --run-path)")
     what.add_argument("--images", help="images made elsewhere: a folder of PNG/JPEG files, or a shard directory")
     what.add_argument("--reference-rows", action="store_true",
                       help="score the leaderboard's reference rows for --reference: its val split (floor) and "
@@ -68,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--allow-tf32", action="store_true",
                        help="let the GPU use TF32 for features (faster; recorded in the protocol)")
     bench.add_argument("--results", help="directory of result records (default: the run's benchmark.results, else results/)")
+    bench.add_argument("--sample-precision", choices=("fp32", "bf16"),
+                       help="with --run: sample in fp32 or under bf16 autocast (default: the run's "
+                            "benchmark.sample_precision, fp32); recorded in the protocol")
 
     board = sub.add_parser("leaderboard", help=COMMANDS["leaderboard"], description=COMMANDS["leaderboard"])
     board.add_argument("--results", default="results", help="directory of result records (default results/)")
@@ -170,6 +175,8 @@ def cmd_benchmark(args, extra) -> int:
         raise ValueError("--images and --reference-rows need --reference SHARDS_OR_FOLDER to compare with")
     if args.run and (args.reference or args.labels or args.name):
         raise ValueError("--run scores against the run's own shards; --reference, --labels and --name go with --images")
+    if args.sample_precision and not args.run:
+        raise ValueError("--sample-precision sets how a --run's model samples; images made elsewhere are already drawn")
     opts = ScoreOptions(batch_size=args.batch_size, inception_weights=args.inception_weights, auditor=args.auditor,
                         allow_tf32=args.allow_tf32)
     if args.metrics and not args.run:
@@ -179,7 +186,8 @@ def cmd_benchmark(args, extra) -> int:
     try:
         if args.run:
             written = [benchmark_run(args.run, num_samples=args.num_samples, seed=args.seed, results=args.results,
-                                     opts=opts, metrics=args.metrics, repeats=args.repeats, placement=placement)]
+                                     opts=opts, metrics=args.metrics, repeats=args.repeats, placement=placement,
+                                     sample_precision=args.sample_precision)]
         elif args.images:
             if args.repeats != 1:
                 raise ValueError("--repeats draws new samples from a run; a folder of images is one sample set")

@@ -173,23 +173,37 @@ class FolderImages:
 class ModelSamples:
     """``num_samples`` images drawn from a model (its EMA weights); conditional models are asked for
     balanced classes (sample i requests class i mod K). ``sampling_seconds`` is the time spent in
-    ``sample`` alone (the record's sampling images/s), not in scoring."""
+    ``sample`` alone (the record's sampling images/s), not in scoring.
 
-    def __init__(self, model, num_samples: int, seed: int) -> None:
-        self.model, self.num_images, self.seed = model, num_samples, seed
+    Ranks split the draw in whole network batches (``model.sample_batch_size`` rows; ``sample`` pads any
+    shorter call to that many), which are then handed to scoring in pieces of the scoring batch size.
+    ``precision="bf16"`` samples under bf16 autocast.
+    """
+
+    PRECISIONS = ("fp32", "bf16")
+
+    def __init__(self, model, num_samples: int, seed: int, precision: str = "fp32") -> None:
+        if precision not in self.PRECISIONS:
+            raise ValueError(f"sample precision {precision!r}: use one of {', '.join(self.PRECISIONS)}")
+        self.model, self.num_images, self.seed, self.precision = model, num_samples, seed, precision
         self.shape = (model.channels, model.image_size, model.image_size)
         self.sampling_seconds = 0.0
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "model", "family": self.model.family, "num_images": self.num_images, "seed": self.seed}
+        return {"kind": "model", "family": self.model.family, "num_images": self.num_images, "seed": self.seed,
+                "precision": self.precision, "compiled": self.model.compile_network}
 
     def batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
-        for start, stop in batch_ranges(self.num_images, batch_size, rank, world_size):
-            n = stop - start
+        autocast = torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        for first, last in batch_ranges(self.num_images, self.model.sample_batch_size, rank, world_size):
             t0 = time.perf_counter()
-            images = self.model.sample(n, seed=self.seed, first_index=start)
+            with autocast:
+                images = self.model.sample(last - first, seed=self.seed, first_index=first)
             self.sampling_seconds += time.perf_counter() - t0
-            yield Batch(torch.arange(start, start + n), images.cpu(), self.model.default_labels(n, start))
+            for start in range(first, last, batch_size):
+                stop = min(start + batch_size, last)
+                yield Batch(torch.arange(start, stop), images[start - first:stop - first].cpu(),
+                            self.model.default_labels(stop - start, start))
 
 
 class UniformNoise:

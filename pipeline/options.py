@@ -7,7 +7,7 @@ Each is a dataclass so that jsonargparse validates it (an unknown key fails with
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 
 @dataclass
@@ -58,11 +58,14 @@ class BenchmarkOptions:
     Args:
         num_samples: generated images scored against the reference (50000 for paper numbers).
         seed: seed of the generated images.
-        batch_size: images per batch when sampling and extracting features.
+        batch_size: images per batch when extracting features (a model samples in batches of its
+            ``sample_batch_size``).
         metrics: comma-separated subset of fid,is,kid,pr,fd_auditor,audit (the Inception ones need the weights).
         inception_weights: explicit path of torch-fidelity's InceptionV3 weights (else the torch hub cache).
         auditor_epochs: training epochs of the auditor classifier when it is not cached yet.
         results: directory of the result records.
+        sample_precision: ``fp32`` samples in full precision; ``bf16`` under bf16 autocast (faster on a GPU,
+            recorded with the result).
     """
 
     num_samples: int = 50000
@@ -72,6 +75,7 @@ class BenchmarkOptions:
     inception_weights: Optional[str] = None
     auditor_epochs: int = 10
     results: str = "results"
+    sample_precision: Literal["fp32", "bf16"] = "fp32"
 
 
 @dataclass

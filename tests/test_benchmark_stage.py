@@ -131,6 +131,7 @@ def test_images_from_elsewhere_with_labels_and_no_inception_weights(tmp_path, di
     (["--images", "{tmp}/nothing-here", "--reference", "{shards}"], "does not exist"),
     (["--images", "{folder}", "--reference", "{shards}", "--metrics", "fid,sharpness"], "unknown ['sharpness']"),
     (["--images", "{folder}", "--reference", "{shards}", "--results", "{a_file}/results"], "not writable"),
+    (["--images", "{folder}", "--reference", "{shards}", "--sample-precision", "bf16"], "sets how a --run's model"),
 ])
 def test_bad_benchmark_input_stops_with_the_reason(tmp_path, digits_shards, args, message):
     folder = _save_folder(tmp_path / "imgs", _blob_images(3, 0, 200, size=8)[..., :1])
@@ -203,6 +204,11 @@ def test_repeats_reference_rows_and_the_html_leaderboard(tmp_path, digits_shards
     assert record["metrics_std"]["fd_auditor"] == pytest.approx(np.std(draws, ddof=1), rel=1e-12)
     assert record["metrics_std"]["audit"]["tv_to_reference"] >= 0
     assert record["protocol"]["repeats"] == 3 and record["cost"]["sampling_images_per_s"] > 0
+    assert record["protocol"]["sampling"] == {"precision": "fp32", "compiled": False}
+    bf16 = genbench("benchmark", "--run", str(run_dir), "--num-samples", "120", "--results", str(tmp_path / "bf16"),
+                    "--metrics", "audit", "--sample-precision", "bf16")
+    assert bf16.returncode == 0, bf16.stderr[-3000:]
+    assert _records(tmp_path / "bf16")[0]["protocol"]["sampling"]["precision"] == "bf16"
 
     rows = genbench("benchmark", "--reference-rows", "--reference", str(digits_shards), "--num-samples", "120",
                     "--results", str(results), "--metrics", "fd_auditor,audit")

@@ -77,8 +77,9 @@ def test_sample_throughput_benchmark_times_every_sampler(tmp_path):
 @pytest.mark.ddp
 def test_scaling_benchmark_runs_one_and_two_gloo_processes(tmp_path):
     out = tmp_path / "cpu.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scaling.py"), "--small", "--out", str(out)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    # each torchrun gets 240 s; one stuck past that fails with every Python thread's stack in its message
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scaling.py"), "--small", "--out", str(out),
+                           "--timeout", "240"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads(out.read_text())["scaling"]["ddpm"]
@@ -86,3 +87,19 @@ def test_scaling_benchmark_runs_one_and_two_gloo_processes(tmp_path):
     assert row["efficiency"]["1"] == 1.0
     assert row["efficiency"]["2"] == pytest.approx(row["images_per_s"]["2"] / (2 * row["images_per_s"]["1"]),
                                                    rel=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_benchmark_split_times_one_and_two_ranks_of_a_whole_benchmark(tmp_path):
+    out = tmp_path / "cpu.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "benchmark_split.py"), "--small", "--out",
+                           str(out), "--timeout", "300"], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "TORCH_HOME": str(tmp_path / "torch")})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    row = json.loads(out.read_text())["benchmark_split"]["ddpm"]
+    # no Inception weights here: the auditor's metrics are what is timed
+    assert row["backend"] == "gloo" and row["metrics"] == "fd_auditor,audit" and row["num_samples"] == 1000
+    seconds = row["seconds"]
+    assert sorted(seconds) == ["1", "2"] and row["split_ratio"]["1"] == 1.0
+    assert row["split_ratio"]["2"] == pytest.approx(seconds["2"] / (seconds["1"] / 2), rel=1e-3)

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from pytorch_lightning import Callback
 
 from conftest import REPO
 from pipeline.models import FAMILIES
@@ -274,3 +275,81 @@ def test_reported_bits_per_dim_is_the_logged_validation_figure(tmp_path, digits_
     trainer.fit(model.train(), datamodule=ShardDataModule(str(digits_shards), batch_size=16, num_workers=0))
     logged = float(trainer.callback_metrics["val/bits_per_dim"])
     assert model.last_bits_per_dim == pytest.approx(logged, rel=1e-6) and 0 < logged < 12
+
+
+class _PoisonAt(Callback):
+    """Puts a NaN into the first weight before batch ``step``: the run diverges there."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(pl_module.parameters()).view(-1)[0] = float("nan")
+
+
+def test_divergence_mid_run_stops_at_its_step_and_writes_no_diverged_checkpoint(tmp_path, digits_shards):
+    from pytorch_lightning import Trainer
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from pipeline.data.datamodule import ShardDataModule
+
+    # The finiteness test is deferred to logging steps (every 50 here), checkpoints and the end of training,
+    # so that the step does not wait for the GPU; the step it names must still be the first bad one.
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1,
+                                  filename="{step}")
+    trainer = Trainer(max_steps=8, logger=False, enable_progress_bar=False, default_root_dir=tmp_path,
+                      limit_val_batches=0, log_every_n_steps=50, callbacks=[checkpoints, _PoisonAt(3)])
+    with pytest.raises(FloatingPointError, match="non-finite ddpm loss .* at global step 3"):
+        trainer.fit(_model("ddpm").train(), datamodule=ShardDataModule(str(digits_shards), batch_size=16,
+                                                                        num_workers=0))
+    saved = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert saved == ["step=1.ckpt", "step=2.ckpt", "step=3.ckpt"]  # step 4 would hold the NaN step's update
+    for name in saved:
+        state = torch.load(tmp_path / "ckpt" / name, weights_only=False)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), name
+
+
+@pytest.mark.parametrize("family", sorted(SMALL))
+def test_conditional_model_refuses_unlabelled_images(tmp_path, family):
+    from pytorch_lightning import Trainer
+    from torch.utils.data import DataLoader
+
+    unlabelled = [{"image": torch.rand(1, 8, 8) * 2 - 1, "label": torch.tensor(-1)} for _ in range(8)]
+    trainer = Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=f"conditional {family} model .* unlabelled images"):
+        trainer.fit(_model(family, num_classes=10).train(), train_dataloaders=DataLoader(unlabelled, batch_size=4))
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_model_samples_run_the_network_on_whole_batches_and_score_in_pieces(world_size):
+    from pipeline.images import ModelSamples
+
+    model = _model("ddpm", num_classes=10)  # sample_batch_size 8, 4 DDIM steps
+    calls = []
+    model.net.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    source = ModelSamples(model, 20, seed=3)
+    batches = [b for rank in range(world_size) for b in source.batches(3, rank, world_size)]
+    # 20 samples = 3 network batches of 8 rows, 4 steps each, whatever the scoring batch of 3 and the ranks
+    assert calls == [8] * 12
+    assert all(len(b.index) <= 3 for b in batches)
+    order = torch.cat([b.index for b in batches]).argsort()
+    assert torch.equal(torch.cat([b.index for b in batches])[order], torch.arange(20))
+    assert torch.equal(torch.cat([b.images for b in batches])[order], model.sample(20, seed=3))
+    assert torch.equal(torch.cat([b.labels for b in batches])[order], torch.arange(20) % 10)
+
+
+def test_model_samples_in_bf16_are_close_to_fp32_and_say_so():
+    from pipeline.images import ModelSamples
+
+    model = _model("ddpm")
+    fp32, bf16 = (torch.cat([b.images for b in ModelSamples(model, 8, 3, p).batches(8)]).float().flatten()
+                  for p in ("fp32", "bf16"))
+    assert not torch.equal(fp32, bf16)  # autocast did run the network in bf16
+    # the same images up to bf16 rounding, which 4 DDIM steps of an untrained UNet amplify (measured 0.975)
+    assert torch.corrcoef(torch.stack([fp32, bf16]))[0, 1] > 0.9
+    assert ModelSamples(model, 8, 3, "bf16").describe()["precision"] == "bf16"
+    with pytest.raises(ValueError, match="sample precision 'fp16': use one of fp32, bf16"):
+        ModelSamples(model, 8, 3, "fp16")

@@ -39,6 +39,8 @@ class DDPM(GenerativeModule):
         sampling_steps: DDIM steps.
         p_uncond: probability of dropping the label in training (classifier-free guidance).
         guidance_scale: 1 samples the conditional model; s > 1 extrapolates away from the unconditional one.
+        channels_last: keep the UNet's weights and activations in NHWC, the layout tensor-core convolutions
+            run in (faster in bf16 on a GPU; the same numbers up to rounding).
     """
 
     family = "ddpm"
@@ -50,7 +52,7 @@ class DDPM(GenerativeModule):
                  sampler: Literal["ddim", "ancestral"] = "ddim", sampling_steps: int = 100, p_uncond: float = 0.1,
                  guidance_scale: float = 1.0, lr: float = 2e-4, warmup_steps: int = 5000,
                  ema_decay: Optional[float] = 0.9999, sample_every_n_steps: int = 500, compile: bool = False,
-                 sample_batch_size: int = 256) -> None:
+                 sample_batch_size: int = 256, channels_last: bool = False) -> None:
         super().__init__(image_size, channels, num_classes, lr, ema_decay, sample_every_n_steps, compile,
                          sample_batch_size)
         self.save_hyperparameters()
@@ -63,8 +65,11 @@ class DDPM(GenerativeModule):
         # float64 schedule, stored as buffers so it follows the module to its device
         self.register_buffer("betas", betas, persistent=False)
         self.register_buffer("alphas_cumprod", abar, persistent=False)
-        self.net = self.maybe_compile(UNet(channels, image_size, ch, ch_mult, num_res_blocks, attn_resolutions,
-                                           dropout, num_classes))
+        # the samplers' scalars come from host copies: reading one from a GPU buffer is a sync per step
+        self.host_betas, self.host_alphas_cumprod = betas.tolist(), abar.tolist()
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        net = UNet(channels, image_size, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, num_classes)
+        self.net = self.maybe_compile(net.to(memory_format=self.memory_format))
 
     @property
     def nfe(self) -> int:
@@ -75,7 +80,8 @@ class DDPM(GenerativeModule):
                        labels: Optional[torch.Tensor]) -> torch.Tensor:
         """Epsilon-prediction MSE at timesteps ``t``: noise x0 to x_t in closed form, predict the noise."""
         abar = self.alphas_cumprod[t].float()[:, None, None, None]
-        return F.mse_loss(self.net(abar.sqrt() * x0 + (1 - abar).sqrt() * eps, t, labels), eps)
+        x_t = (abar.sqrt() * x0 + (1 - abar).sqrt() * eps).contiguous(memory_format=self.memory_format)
+        return F.mse_loss(self.net(x_t, t, labels), eps)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x0 = batch["image"]
@@ -83,9 +89,9 @@ class DDPM(GenerativeModule):
         t = torch.randint(0, self.timesteps, (n,), device=self.device)
         labels = None
         if self.conditional:
-            labels = batch["label"].clone()
             drop = torch.rand(n, device=self.device) < self.p_uncond
-            labels[drop] = self.num_classes  # the "no class" embedding
+            # the "no class" embedding; torch.where, not labels[drop] = ..., which waits for the GPU
+            labels = torch.where(drop, self.num_classes, batch["label"])
         loss = self.denoising_loss(x0, t, torch.randn_like(x0), labels)
         self.check_finite(loss)
         self.log("train/loss", loss, prog_bar=True)
@@ -102,6 +108,7 @@ class DDPM(GenerativeModule):
 
     def _eps(self, x: torch.Tensor, t: int, labels: Optional[torch.Tensor]) -> torch.Tensor:
         tt = torch.full((len(x),), t, device=x.device, dtype=torch.long)
+        x = x.contiguous(memory_format=self.memory_format)
         if not self.conditional:
             return self.net(x, tt)
         if self.guidance_scale == 1.0:
@@ -114,14 +121,14 @@ class DDPM(GenerativeModule):
     def generate(self, noise: PerSampleNoise, labels: Optional[torch.Tensor]) -> torch.Tensor:
         shape = (self.channels, self.image_size, self.image_size)
         x = noise.randn(*shape)
-        abar = self.alphas_cumprod
+        abar = self.host_alphas_cumprod
         if self.sampler == "ancestral":
             for t in range(self.timesteps - 1, -1, -1):
                 eps = self._eps(x, t, labels)
-                beta, a_t = float(self.betas[t]), float(abar[t])
+                beta, a_t = self.host_betas[t], abar[t]
                 mean = (x - beta / math.sqrt(1 - a_t) * eps) / math.sqrt(1 - beta)
                 if t > 0:  # posterior variance (beta tilde)
-                    var = beta * (1 - float(abar[t - 1])) / (1 - a_t)
+                    var = beta * (1 - abar[t - 1]) / (1 - a_t)
                     x = mean + math.sqrt(var) * noise.randn(*shape)
                 else:
                     x = mean
@@ -130,12 +137,12 @@ class DDPM(GenerativeModule):
         times = torch.linspace(self.timesteps - 1, 0, self.sampling_steps).round().long().tolist()
         for i, t in enumerate(times):
             eps = self._eps(x, t, labels)
-            a_t = float(abar[t])
+            a_t = abar[t]
             x0 = ((x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)).clamp(-1, 1)
-            a_prev = float(abar[times[i + 1]]) if i + 1 < len(times) else 1.0
+            a_prev = abar[times[i + 1]] if i + 1 < len(times) else 1.0
             x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
         return x.clamp(-1, 1)
 
     def configure_optimizers(self):
-        opt = torch.optim.Adam(self.net.parameters(), lr=self.lr)
+        opt = self.adam(self.net.parameters(), lr=self.lr)
         return {"optimizer": opt, "lr_scheduler": linear_warmup(opt, self.warmup_steps)}

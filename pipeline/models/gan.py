@@ -157,5 +157,5 @@ class GAN(GenerativeModule):
 
     def configure_optimizers(self):
         betas = tuple(self.hparams.betas)
-        return (torch.optim.Adam(self.generator.parameters(), lr=self.hparams.lr_g, betas=betas),
-                torch.optim.Adam(self.discriminator.parameters(), lr=self.hparams.lr_d, betas=betas))
+        return (self.adam(self.generator.parameters(), lr=self.hparams.lr_g, betas=betas),
+                self.adam(self.discriminator.parameters(), lr=self.hparams.lr_d, betas=betas))

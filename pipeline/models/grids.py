@@ -62,7 +62,9 @@ class SampleGrids(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0 and trainer.global_step > 0:
+            pl_module.raise_if_nonfinite()  # on every rank, before rank 0 draws a grid of a diverged model
             self._save(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        pl_module.raise_if_nonfinite()
         self._save(trainer, pl_module)

@@ -101,11 +101,7 @@ class VAE(GenerativeModule):
     def _labels(self, batch: dict) -> Optional[torch.Tensor]:
         if not self.conditional:
             return None
-        labels = batch["label"]
-        if (labels < 0).any():
-            raise ValueError("a conditional model (num_classes set) was given unlabelled images; "
-                             "set model.init_args.num_classes: null or use labelled shards")
-        return labels
+        return batch["label"]
 
     def kl_weight(self) -> float:
         if self.kl_warmup_steps <= 0:
@@ -144,4 +140,4 @@ class VAE(GenerativeModule):
         return torch.sigmoid(params) * 2 - 1
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+        return self.adam(self.parameters(), lr=self.lr)
