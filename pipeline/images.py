@@ -176,7 +176,8 @@ class ModelSamples:
     ``sample`` alone (the record's sampling images/s), not in scoring.
 
     Ranks split the draw in whole network batches (``model.sample_batch_size`` rows; ``sample`` pads any
-    shorter call to that many), which are then handed to scoring in pieces of the scoring batch size.
+    shorter call to that many), or in equal shares when the draw is smaller than one batch per rank; each
+    is handed to scoring in pieces of the scoring batch size.
     ``precision="bf16"`` samples under bf16 autocast.
     """
 
@@ -195,7 +196,9 @@ class ModelSamples:
 
     def batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
         autocast = torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
-        for first, last in batch_ranges(self.num_images, self.model.sample_batch_size, rank, world_size):
+        # at most one network batch per call; fewer rows when the draw is too small to give every rank one
+        chunk = max(1, min(self.model.sample_batch_size, -(-self.num_images // world_size)))
+        for first, last in batch_ranges(self.num_images, chunk, rank, world_size):
             t0 = time.perf_counter()
             with autocast:
                 images = self.model.sample(last - first, seed=self.seed, first_index=first)

@@ -69,14 +69,14 @@ def cache_key(**parts: Any) -> str:
 class FeatureSet:
     """What one image set leaves in one extractor's feature space, accumulated across ranks."""
 
-    def __init__(self, num_features: int, device: str, keep_features: bool = False, keep_logits: bool = False,
+    def __init__(self, num_features: int, device: str, keep_features: bool = False, num_logits: int = 0,
                  num_classes: int = 0, keep_requested: bool = False) -> None:
         self.stats = FeatureStatistics(num_features).to(device)
-        self.features = FeatureBank().to(device) if keep_features else None
-        self.logits = FeatureBank().to(device) if keep_logits else None
+        self.features = FeatureBank((num_features,)).to(device) if keep_features else None
+        self.logits = FeatureBank((num_logits,)).to(device) if num_logits else None
         self.per_class = [FeatureStatistics(num_features).to(device) for _ in range(num_classes)]
-        self.classes = FeatureBank().to(device) if num_classes else None
-        self.requested = FeatureBank().to(device) if keep_requested else None
+        self.classes = FeatureBank(dtype=torch.long).to(device) if num_classes else None
+        self.requested = FeatureBank(dtype=torch.long).to(device) if keep_requested else None
 
     def update(self, index: torch.Tensor, features: torch.Tensor, logits: Optional[torch.Tensor] = None,
                classes: Optional[torch.Tensor] = None, requested: Optional[torch.Tensor] = None) -> None:
@@ -100,7 +100,11 @@ class FeatureSet:
         out: dict[str, Any] = {"stats": _as_tensors(self.stats.compute())}
         for name in ("features", "logits", "classes", "requested"):
             bank = getattr(self, name)
-            out[name] = None if bank is None or not _any_rank_has(bank) else bank.compute().cpu()
+            if bank is None or not _any_rank_has(bank):
+                out[name] = None
+                continue
+            bank.join_if_empty()
+            out[name] = bank.compute().cpu()
         out["per_class"] = [_as_tensors(s.compute_or_none()) for s in self.per_class]
         return out
 
@@ -126,7 +130,7 @@ class Inception:
     def __init__(self, weights: Path, device: str, allow_tf32: bool) -> None:
         # channels-last: oneDNN and cuDNN pick faster convolutions (1.4x on a 2-core CPU), same fp32 math
         self.net = InceptionFeatures(weights).to(device, memory_format=torch.channels_last).eval()
-        self.num_features = self.net.num_features
+        self.num_features, self.num_logits = self.net.num_features, self.net.num_logits
         self.allow_tf32 = allow_tf32
         self.identity = {"name": self.net.name, "weights_sha256": self.net.weights_sha256, "resize": INCEPTION_RESIZE,
                          "features": f"pool3 ({INCEPTION_FEATURES}): FID, KID, precision/recall",
@@ -250,7 +254,8 @@ class Scorer:
 
         # one pass over the generated images through every extractor
         gen_inception = None if inception is None else FeatureSet(
-            inception.num_features, self.device, keep_features=bool(wanted & {KID, PR}), keep_logits=IS in wanted)
+            inception.num_features, self.device, keep_features=bool(wanted & {KID, PR}),
+            num_logits=inception.num_logits if IS in wanted else 0)
         gen_auditor = None if auditor is None else FeatureSet(
             auditor.num_features, self.device, num_classes=auditor.num_classes, keep_requested=True)
 

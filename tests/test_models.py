@@ -339,6 +339,9 @@ def test_model_samples_run_the_network_on_whole_batches_and_score_in_pieces(worl
     assert torch.equal(torch.cat([b.index for b in batches])[order], torch.arange(20))
     assert torch.equal(torch.cat([b.images for b in batches])[order], model.sample(20, seed=3))
     assert torch.equal(torch.cat([b.labels for b in batches])[order], torch.arange(20) % 10)
+    # a draw smaller than a network batch per rank is split evenly: no rank is left without images
+    assert [sum(len(b.index) for b in ModelSamples(model, 6, seed=3).batches(3, r, world_size))
+            for r in range(world_size)] == [6 // world_size] * world_size
 
 
 def test_model_samples_in_bf16_are_close_to_fp32_and_say_so():

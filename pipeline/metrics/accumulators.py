@@ -58,14 +58,26 @@ class FeatureStatistics(Metric):
 
 
 class FeatureBank(Metric):
-    """Every feature vector with its global sample index; ``compute()`` returns them in index order."""
+    """Every feature vector with its global sample index; ``compute()`` returns them in index order.
+
+    Args:
+        row_shape, dtype: of one row, so that a rank that saw no rows still joins the gather (with none).
+    """
 
     full_state_update = False
 
-    def __init__(self) -> None:
+    def __init__(self, row_shape: tuple[int, ...] = (), dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
+        self.row_shape, self.row_dtype = tuple(row_shape), dtype
         self.add_state("features", default=[], dist_reduce_fx="cat")
         self.add_state("index", default=[], dist_reduce_fx="cat")
+
+    def join_if_empty(self) -> None:
+        """torchmetrics gathers a list state only on the ranks where it has an element: a rank that saw no
+        rows would skip the collective the others wait in. It joins with zero rows instead."""
+        if isinstance(self.features, list) and not self.features:
+            self.update(torch.empty((0, *self.row_shape), dtype=self.row_dtype, device=self.device),
+                        torch.empty(0, dtype=torch.long, device=self.device))
 
     def update(self, features: torch.Tensor, index: torch.Tensor) -> None:
         if len(features) != len(index):

@@ -90,6 +90,7 @@ class InceptionFeatures(nn.Module):
     torch-fidelity's InceptionV3, from one forward pass."""
 
     num_features = 2048
+    num_logits = 1008
     name = INCEPTION_NAME
 
     def __init__(self, weights: str | os.PathLike) -> None:

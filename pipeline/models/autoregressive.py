@@ -191,5 +191,6 @@ class Autoregressive(GenerativeModule):
         return self.images(out)
 
     def configure_optimizers(self):
-        opt = self.adam(self.parameters(), decoupled_weight_decay=True, lr=self.lr, weight_decay=0.01, betas=(0.9, 0.95))
+        opt = self.adam(self.parameters(), decoupled_weight_decay=True, lr=self.lr, weight_decay=0.01,
+                        betas=(0.9, 0.95))
         return {"optimizer": opt, "lr_scheduler": linear_warmup(opt, self.warmup_steps)}
