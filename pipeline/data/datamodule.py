@@ -21,6 +21,7 @@ Batches leave the workers as uint8 (4x less inter-process traffic than float) an
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import random
 import signal
 import warnings
@@ -221,18 +222,35 @@ class ShardStream(IterableDataset):
 def ignore_sigterm(worker_id: int) -> None:
     """Loader workers outlive a SIGTERM sent to the whole job (SLURM preempting or requeueing it).
 
-    SLURM signals every process of a job step. A worker killed by it makes the main process fail at once,
-    from PyTorch's SIGCHLD handler, before it can checkpoint the step it is in
-    (pipeline/preemption.py). So the workers leave the decision to the main process: they stop when it
+    SLURM signals every process of a job step. A worker killed by it makes the main process's loader fail
+    (PyTorch checks that its workers live) before the step can be checkpointed (pipeline/preemption.py).
+    So the workers, like their fork server, leave the decision to the main process: they stop when it
     shuts the loader down or exits (PyTorch's worker watchdog), or at SLURM's SIGKILL.
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def loader_context() -> multiprocessing.context.BaseContext:
+    """Where loader workers come from: a fork server, not the training process.
+
+    Forking the training process, which runs threads (gloo's, NCCL's, W&B's, PyTorch's), copies the locks
+    those threads hold at that instant into the worker, which then waits on one forever: CI saw a resumed
+    DDP rank's worker stuck inside ``os.fork`` and the whole job hung. The fork server is a fresh,
+    single-threaded process that has imported the data code once (``pipeline.data.loader_server``); a
+    worker forked from it starts at once, and still sees the stream's current epoch, which is pickled to
+    it when the epoch's workers start. As with any fork server, a script that makes a loader with workers
+    runs its top-level code under ``if __name__ == "__main__":``.
+    """
+    context = multiprocessing.get_context("forkserver")
+    # "__main__" as multiprocessing's default: workers then do not re-import the main module one by one
+    context.set_forkserver_preload(["__main__", "pipeline.data.loader_server"])
+    return context
+
+
 class EpochDataLoader(DataLoader):
     """A DataLoader that tells its stream the epoch before the workers start, and knows its length.
 
-    Workers are forked at each epoch (non-persistent), so the updated ``epoch`` reaches them and every
+    Workers start at each epoch (non-persistent), so the updated ``epoch`` reaches them and every
     epoch draws a new, still deterministic, order — also after a resume, since the epoch comes from the
     Trainer rather than from a counter that restarts at zero.
     """
@@ -343,9 +361,10 @@ class ShardDataModule(LightningDataModule):
                            shuffle_buffer=self.shuffle_buffer, hflip=self.hflip and train, expected_counts=counts)
 
     def _loader(self, stream: ShardStream, epoch_fn=None) -> EpochDataLoader:
+        workers = {"multiprocessing_context": loader_context(), "worker_init_fn": ignore_sigterm} \
+            if self.num_workers else {}
         return EpochDataLoader(stream, epoch_fn=epoch_fn, num_workers=self.num_workers,
-                               pin_memory=self.pin_memory and torch.cuda.is_available(),
-                               worker_init_fn=ignore_sigterm if self.num_workers else None)
+                               pin_memory=self.pin_memory and torch.cuda.is_available(), **workers)
 
     def train_dataloader(self) -> EpochDataLoader:
         rank, world = self._placement()

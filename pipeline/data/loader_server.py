@@ -1,0 +1,14 @@
+"""Imported only by the data loaders' fork server (``set_forkserver_preload`` in datamodule.py), never by the
+training process.
+
+It loads once what every worker needs, so forking a worker from the server costs no imports, and it makes
+the server ignore SIGTERM: SLURM signals every process of a job step, and loader workers (the server's
+children) stop when their parent dies, so a server killed by a preemption's SIGTERM would take the loader
+down before the training process has checkpointed. The server still exits with the training process.
+"""
+
+import signal
+
+import pipeline.data.datamodule  # noqa: F401  (torch, webdataset and the stream classes the workers unpickle)
+
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
