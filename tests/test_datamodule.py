@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import shutil
+import signal
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,3 +162,29 @@ def test_hflip_flips_about_half_the_training_images_deterministically(digits_sha
     dm = ShardDataModule(str(digits_shards), batch_size=400, num_workers=0, hflip=True, shuffle_buffer=0)
     val = next(iter(dm.stream("val", False, 400)))  # never flipped outside training
     assert torch.equal(val["image"], next(iter(ShardDataModule(str(digits_shards)).stream("val", False, 400)))["image"])
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+            for c in (task / "children").read_text().split()]
+
+
+def _ignores_sigterm(pid: int) -> bool:
+    ignored = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigIgn"))
+    return bool(int(ignored.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+
+
+def test_loader_workers_are_not_forked_from_the_training_process(digits_shards):
+    """A fork of the (threaded) training process can inherit a held lock and hang: the workers come from a
+    fork server, which, like them, outlives SLURM's SIGTERM to the whole job step."""
+    dm = ShardDataModule(str(digits_shards), batch_size=16, num_workers=2)
+    dm.setup("fit")
+    batches = iter(dm.train_dataloader())
+    next(batches), next(batches)  # one batch from each worker: both have run their init function
+    ours = _children(os.getpid())
+    servers = [pid for pid in ours if b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(servers) == 1 and _ignores_sigterm(servers[0])
+    workers = _children(servers[0])
+    assert len(workers) == 2 and not set(workers) & set(ours)
+    assert all(_ignores_sigterm(pid) for pid in workers)
+    del batches
