@@ -44,8 +44,8 @@ def train_run(family: str, work: Path, small: bool, env: dict[str, str]) -> Path
     args += ["--tracking.wandb=false"]
     if small:  # a CPU: 10 DDIM steps, a one-epoch auditor
         args += ["--benchmark.auditor_epochs=1"] + (["--model.init_args.sampling_steps=10"] if family == "ddpm" else [])
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "fit", *args], cwd=work, env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "fit", *args], cwd=work, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO), **env})
     if done.returncode != 0:
         raise SystemExit(f"training the run to benchmark failed:\n{done.stderr[-3000:]}")
     (run,) = (work / "runs").iterdir()
@@ -88,10 +88,7 @@ def main() -> None:
     seconds = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        env = {**os.environ, "PYTHONPATH": str(REPO), "GENBENCH_CACHE": str(work / "cache"),
-               "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor")}
-        if not gpus:
-            env["OMP_NUM_THREADS"] = "1"  # one core per process: 2 processes use 2 cores against 1
+        env = {"GENBENCH_CACHE": str(work / "cache"), "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor")}
         make_shards(work, 400 if args.small else 20000, 16 if args.small else 32)
         run = train_run(args.family, work, args.small, env)
         warm = yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]["sample_batch_size"]

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from typing import Any, Optional
 import torch
 from pytorch_lightning import Callback
 
+from pipeline.distributed import free_port
 from pipeline.io import atomic_write_json
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,12 +54,6 @@ def merge_results(path: Path, section: str, rows: dict[str, Any]) -> None:
     atomic_write_json(path, results)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _descendants(pid: int) -> list[int]:
     """Every process below pid, read from /proc."""
     parents = {}
@@ -92,10 +86,13 @@ def _signal(pid: int, sig: signal.Signals) -> None:
 
 
 def torchrun(processes: int, args: list[str], env: dict[str, str], cwd: Path, timeout: float) -> str:
-    """Run ``torchrun --nproc_per_node=processes ARGS``; its output. A run that fails stops the benchmark with
-    its output; one stuck past ``timeout`` seconds is stopped with SIGABRT, which faulthandler turns into
-    every Python thread's stack, so the failure says where it was stuck."""
-    env = {**env, "PYTHONFAULTHANDLER": "1"}
+    """Run ``torchrun --nproc_per_node=processes ARGS`` from this checkout, with ``env`` added; its output.
+
+    On a CPU every process gets one thread, so P processes use P cores against 1. A run that fails stops the
+    benchmark with its output; one stuck past ``timeout`` seconds is stopped with SIGABRT, which faulthandler
+    turns into every Python thread's stack, so the failure says where it was stuck."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), **({} if torch.cuda.is_available() else {"OMP_NUM_THREADS": "1"}),
+           **env, "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
            f"--master_port={free_port()}", *args]
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.common import REPO, merge_results, results_path, torchrun
+from benchmarks.common import merge_results, results_path, torchrun
 from benchmarks.train_throughput import fit_args, make_shards
 
 
@@ -37,9 +37,7 @@ def run(processes: int, family: str, batch: int, warmup: int, steps: int, small:
     args = fit_args(family, work / "shards", work / f"runs-{processes}", batch, 10 * (warmup + steps), small)
     args = [a for a in args if not a.startswith("--trainer.devices=")] + [f"--trainer.devices={processes}",
                                                                            "--config", str(timer)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
-    if not torch.cuda.is_available():
-        env["OMP_NUM_THREADS"] = "1"
+    env = {"WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
     torchrun(processes, ["-m", "pipeline.cli", "fit", *args], env, work, timeout)
     return json.loads(out.read_text())["images_per_s"]
 

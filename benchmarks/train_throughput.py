@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import REPO, StepTimer, bf16_peak, device_name, merge_results, results_path, sync
+from benchmarks.common import REPO, StepTimer, bf16_peak, device, device_name, merge_results, results_path, sync
 from pipeline.data.shards import write_shards
 from pipeline.data.sources import FolderSource
 from pipeline.train import GenbenchCLI
@@ -123,22 +123,22 @@ def plain_step(family: str, model, optimizers: list, x: torch.Tensor) -> Callabl
     return run
 
 
-def fast_paths(model) -> dict:
+def fast_paths(model, optimizers: list[torch.optim.Optimizer]) -> dict:
     """Which of the fast paths the experiment's config turns on (both sides use the same model and optimizer)."""
     return {"compiled": model.compile_network, "channels_last": getattr(model, "memory_format", None) ==
-            torch.channels_last, "fused_optimizer": all(o.defaults.get("fused", False) for o in _optimizers(model))}
+            torch.channels_last, "fused_optimizer": all(o.defaults.get("fused", False) for o in optimizers)}
 
 
 def plain_rate(args: list[str], family: str, warmup: int, steps: int, batch: int) -> tuple[float, float, dict]:
     """(images/s, FLOPs per image, fast paths) of the plain loop."""
-    model = GenbenchCLI(args).model
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = model.to(device).train()
+    on = device()
+    model = GenbenchCLI(args).model.to(on).train()
     c, s = model.channels, model.image_size
-    x = torch.rand(batch, c, s, s, device=device) * 2 - 1
-    run = plain_step(family, model, _optimizers(model), x)
+    x = torch.rand(batch, c, s, s, device=on) * 2 - 1
+    optimizers = _optimizers(model)
+    run = plain_step(family, model, optimizers, x)
     # bf16 autocast on a GPU, as the fit side's bf16-mixed; fp32 on a CPU, as its 32-true
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+    autocast = torch.autocast(on, dtype=torch.bfloat16, enabled=on == "cuda")
     with autocast:
         with FlopCounterMode(display=False) as counter:
             torch.compiler.disable(run)()  # counted eager: the FLOPs are the network's, however it is run
@@ -149,7 +149,7 @@ def plain_rate(args: list[str], family: str, warmup: int, steps: int, batch: int
         for _ in range(steps):
             run()
         sync()
-    return steps * batch / (time.perf_counter() - t0), counter.get_total_flops() / batch, fast_paths(model)
+    return steps * batch / (time.perf_counter() - t0), counter.get_total_flops() / batch, fast_paths(model, optimizers)
 
 
 def measure(family: str, batch: int, warmup: int, steps: int, small: bool, work: Path) -> dict:

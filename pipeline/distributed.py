@@ -8,11 +8,19 @@ SLURM's SLURM_PROCID/SLURM_NTASKS and node list), so ``genbench benchmark`` unde
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+
+def free_port() -> int:
+    """A free TCP port on loopback, for a torchrun rendezvous started on this machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -49,8 +48,3 @@ def genbench(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int
                           text=True, timeout=timeout)
 
 
-def free_port() -> int:
-    """A free TCP port on loopback, for a torchrun rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, free_port, genbench
+from conftest import REPO, genbench
 from PIL import Image
 
 from pipeline.benchmark import ScoreOptions, benchmark_images
+from pipeline.distributed import free_port
 from pipeline.images import ShardImages
 
 INCEPTION_KEYS = ("fid", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall")

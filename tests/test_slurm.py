@@ -19,7 +19,9 @@ from typing import Optional
 import pytest
 import torch
 import yaml
-from conftest import free_port, genbench
+from conftest import genbench
+
+from pipeline.distributed import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 GENBENCH_EXE = Path(sys.executable).parent / "genbench"
