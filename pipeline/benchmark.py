@@ -52,20 +52,43 @@ def aggregate(draws: list[Any]) -> tuple[Any, Any]:
     return float(values.mean()), float(values.std(ddof=1)) if len(draws) > 1 else 0.0
 
 
+def checkpoint_progress(ckpt: Path) -> dict[str, Any]:
+    """Training progress stored in a checkpoint: optimizer steps and images seen when it was written.
+    Memory-mapped, so only the few bytes of these fields are read."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+    return {"global_step": state.get("global_step"), "images_seen": state.get("genbench", {}).get("images_seen")}
+
+
 def load_run_model(run_dir: Path, device: str = "cpu"):
-    """The run's model class from its resolved config, with the EMA weights of ``last.ckpt``."""
+    """The run's model class from its resolved config, with the EMA weights of ``last.ckpt``, and the training
+    progress of that checkpoint. Refuses a checkpoint older than the step run.json says training reached: its
+    weights would be scored under another step's provenance."""
     config_path, ckpt = run_dir / "config.yaml", run_dir / "checkpoints" / "last.ckpt"
     if not config_path.exists():
         raise BenchmarkError(f"{run_dir} has no config.yaml: not a genbench run directory (genbench fit writes one)")
     if not ckpt.exists():
         raise BenchmarkError(f"{ckpt} does not exist: the run has no checkpoint yet; train it with "
                              f"genbench fit --config {config_path}")
+    progress = checkpoint_progress(ckpt)
+    run_info = read_run_info(run_dir)
+    trained = run_info.get("global_step")
+    if trained is not None and progress["global_step"] is not None and progress["global_step"] < trained:
+        raise BenchmarkError(
+            f"{ckpt} holds step {progress['global_step']} but {run_dir / 'run.json'} says training reached step "
+            f"{trained} (status {run_info.get('status')}): the final weights were never saved, and scoring these "
+            f"would credit step-{progress['global_step']} weights with step-{trained} provenance; resume the run "
+            f"with genbench fit --config {config_path} to write them")
     config = yaml.safe_load(config_path.read_text())
     module, _, name = config["model"]["class_path"].rpartition(".")
     cls = getattr(importlib.import_module(module), name)
     model = cls.load_from_checkpoint(str(ckpt), map_location=device)
     model.eval()
-    return model, config
+    return model, config, progress
+
+
+def read_run_info(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "run.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _evaluate(scorer: Scorer, sources: list) -> tuple:
@@ -121,7 +144,7 @@ def benchmark_run(run_dir: str | os.PathLike, num_samples: Optional[int] = None,
     run_dir = Path(run_dir)
     opts = opts or ScoreOptions()
     device = opts.device or placement.device
-    model, config = load_run_model(run_dir, device)
+    model, config, progress = load_run_model(run_dir, device)
     bench = config.get("benchmark", {})
     num_samples = num_samples or bench.get("num_samples", 50000)
     seed = bench.get("seed", 0) if seed is None else seed
@@ -145,7 +168,7 @@ def benchmark_run(run_dir: str | os.PathLike, num_samples: Optional[int] = None,
     protocol.update(seed=seed, repeats=repeats, sampling={k: v for k, v in sources[0].describe().items()
                                                          if k in ("precision", "compiled")})
     seconds = sum(s.sampling_seconds for s in sources)
-    run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    run_info = read_run_info(run_dir)
     cost = model.cost()
     return _write_record(
         results, _record_name(run_dir.name, num_samples, seed), placement, metrics_, std, draws, skipped, protocol,
@@ -154,8 +177,9 @@ def benchmark_run(run_dir: str | os.PathLike, num_samples: Optional[int] = None,
                                                  "world_size", "status")},
         cost={"parameters": cost["parameters"], "nfe": cost["nfe"], "bits_per_dim": cost["bits_per_dim"],
               "sampling_images_per_s": round(num_samples * repeats / seconds, 2) if seconds else None,
-              "device_hours": run_info.get("device_hours"), "images_seen": run_info.get("images_seen"),
-              "global_step": run_info.get("global_step")})
+              # training progress of the weights that were scored, read from their checkpoint
+              "device_hours": run_info.get("device_hours"), "images_seen": progress["images_seen"],
+              "global_step": progress["global_step"]})
 
 
 def open_reference(path: str, split: str = "train"):

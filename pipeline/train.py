@@ -19,10 +19,10 @@ from typing import Any, Optional
 from jsonargparse import Namespace
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning import Trainer
-from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import WandbLogger
 
+from pipeline.checkpointing import LAST, RunCheckpoint
 from pipeline.data.datamodule import ShardDataModule
 from pipeline.data.shards import MANIFEST, load_manifest
 from pipeline.io import atomic_write_text
@@ -188,11 +188,7 @@ class GenbenchCLI(LightningCLI):
             tracking.update(wandb_id=wandb_id, wandb_project=self.config.tracking.project)
             if mode == "offline":  # run.json says how to upload it later
                 tracking["wandb_sync"] = f"wandb sync {run_dir}/wandb/offline-run-*"
-        # One numbered checkpoint every N steps (the newest kept) and last.ckpt beside it, always under that
-        # name (no last-v1.ckpt): a rerun or a requeued job resumes from it.
-        extra = [ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="step-{step:07d}", save_last=True,
-                                 save_top_k=1, every_n_train_steps=self.config.run.checkpoint_every_n_steps,
-                                 auto_insert_metric_name=False, enable_version_counter=False),
+        extra = [RunCheckpoint(run_dir / "checkpoints", self.config.run.checkpoint_every_n_steps),
                  ProvenanceCallback(run_dir, self.config, chash, tracking)]
         trainer_config = self._get(self.config_init, "trainer", default={})
         user_callbacks = _as_list(trainer_config.get("callbacks"))
@@ -230,7 +226,7 @@ def _finish_wandb() -> None:
 
 
 def last_checkpoint(run_dir: Path) -> Optional[Path]:
-    path = run_dir / "checkpoints" / "last.ckpt"
+    path = run_dir / "checkpoints" / LAST
     return path if path.exists() else None
 
 
