@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 from pytorch_lightning import Callback
 
-from pipeline.distributed import free_port
+from pipeline.benchmark.distributed import free_port
 from pipeline.io import atomic_write_json
 
 REPO = Path(__file__).resolve().parent.parent

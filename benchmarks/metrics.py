@@ -29,9 +29,9 @@ import torch
 from PIL import Image
 
 from pipeline.benchmark import ScoreOptions, benchmark_images
+from pipeline.benchmark.scoring import Inception
 from pipeline.io import atomic_write_json
 from pipeline.metrics.features import WeightsUnavailable, architecture_only_inception_weights, resolve_inception_weights
-from pipeline.scoring import Inception
 
 
 def make_folder(root: Path, n: int, seed: int) -> Path:

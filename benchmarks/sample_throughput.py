@@ -21,7 +21,7 @@ import torch
 from jsonargparse.typing import import_object
 
 from benchmarks.common import REPO, device, merge_results, results_path, sync
-from pipeline.train import resolve
+from pipeline.fit.train import resolve
 
 VARIANTS = {  # row name -> (family, model overrides)
     "ddpm-ancestral-1000": ("ddpm", {"sampler": "ancestral"}),

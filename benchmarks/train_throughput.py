@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.common import REPO, StepTimer, bf16_peak, device, device_name, merge_results, results_path, sync
 from pipeline.data.shards import write_shards
 from pipeline.data.sources import FolderSource
-from pipeline.train import GenbenchCLI
+from pipeline.fit.train import GenbenchCLI
 
 FAMILIES = ("ddpm", "vae", "gan", "ar")
 

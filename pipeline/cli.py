@@ -109,7 +109,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if argv[:1] == ["fit"]:
-        from pipeline.train import ConfigError, DryRun, fit
+        from pipeline.fit.train import ConfigError, DryRun, fit
 
         try:
             print(f"run directory: {fit(argv[1:])}")
@@ -169,7 +169,7 @@ def cmd_benchmark(args, extra) -> int:
         benchmark_run,
         parse_metrics,
     )
-    from pipeline.distributed import init_from_environment, shutdown
+    from pipeline.benchmark.distributed import init_from_environment, shutdown
 
     if (args.images or args.reference_rows) and not args.reference:
         raise ValueError("--images and --reference-rows need --reference SHARDS_OR_FOLDER to compare with")
@@ -216,7 +216,7 @@ def cmd_leaderboard(args, extra) -> int:
 
 
 def cmd_run(args, extra) -> int:
-    from pipeline.runner import run
+    from pipeline.launch.runner import run
 
     board = run(args.experiments, extra, runs=args.runs, results=args.results, leaderboard_dir=args.leaderboard)
     print(f"leaderboard: {board}")
@@ -224,7 +224,7 @@ def cmd_run(args, extra) -> int:
 
 
 def cmd_submit(args, extra) -> int:
-    from pipeline.submit import prepare_submission, script, submit
+    from pipeline.launch.submit import prepare_submission, script, submit
 
     sub = prepare_submission(args.sweep, args.sweeps)
     if args.dry_run:

@@ -54,6 +54,11 @@ def write_new_json(path: str | os.PathLike, obj: Any) -> Path:
     return path
 
 
+def cache_dir() -> Path:
+    """genbench's cache (auditors, reference statistics, palettes): $GENBENCH_CACHE or ~/.cache/genbench."""
+    return Path(os.environ.get("GENBENCH_CACHE", Path.home() / ".cache" / "genbench"))
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     import hashlib
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, genbench
 from PIL import Image
 
+from conftest import REPO, genbench
 from pipeline.benchmark import ScoreOptions, benchmark_images
-from pipeline.distributed import free_port
-from pipeline.images import ShardImages
+from pipeline.benchmark.distributed import free_port
+from pipeline.benchmark.images import ShardImages
 
 INCEPTION_KEYS = ("fid", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall")
 

@@ -10,7 +10,7 @@ import torch
 
 from conftest import REPO
 from pipeline.benchmark import BenchmarkError, ScoreOptions, benchmark_run
-from pipeline.train import fit
+from pipeline.fit.train import fit
 
 SHRINK = {
     "vae": ["--model.init_args.kl_warmup_steps=0", "--model.init_args.base_channels=8"],

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, genbench
-from pipeline.train import ConfigError, check_model_fits_data, resolve
+from pipeline.fit.train import ConfigError, check_model_fits_data, resolve
 
 VAE = str(REPO / "experiments" / "digits" / "vae.yaml")
 

@@ -54,7 +54,7 @@ def test_corrupt_png_is_skipped_counted_and_logged_once(tmp_path, caplog):
 
 
 def test_training_stream_of_only_corrupt_samples_stops_instead_of_stalling(tmp_path):
-    from pipeline.data.datamodule import ShardStream
+    from pipeline.data.stream import ShardStream
 
     paths = []
     for i in range(2):
@@ -82,7 +82,7 @@ def test_truncated_tar_fails_with_its_path(digits_shards, tmp_path):
 
 def test_truncation_is_caught_while_streaming_too(digits_shards, tmp_path):
     """Shards that change under a running job (or a size check that passed): the sample count catches it."""
-    from pipeline.data.datamodule import ShardStream
+    from pipeline.data.stream import ShardStream
 
     victim = tmp_path / "train-000000.tar"
     data = (digits_shards / "train-000000.tar").read_bytes()

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import REPO
 from jsonargparse.typing import import_object
 from pytorch_lightning import Callback, Trainer
 
+from conftest import REPO
 from pipeline.data.datamodule import ShardDataModule
-from pipeline.train import resolve
+from pipeline.fit.train import resolve
 
 
 def _digits_model(family: str, **overrides):

@@ -11,11 +11,9 @@ import torch
 from pytorch_lightning import Callback
 
 from conftest import REPO
+from pipeline.fit.train import fit
 from pipeline.models import FAMILIES
 from pipeline.models.vae import discretized_logistic_log_prob
-from pipeline.train import fit
-
-
 
 # Each family's digits config, shrunk: (config, loss column, extra overrides)
 FAMILY_RUNS = {
@@ -325,7 +323,7 @@ def test_conditional_model_refuses_unlabelled_images(tmp_path, family):
 
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_model_samples_run_the_network_on_whole_batches_and_score_in_pieces(world_size):
-    from pipeline.images import ModelSamples
+    from pipeline.benchmark.images import ModelSamples
 
     model = _model("ddpm", num_classes=10)  # sample_batch_size 8, 4 DDIM steps
     calls = []
@@ -345,7 +343,7 @@ def test_model_samples_run_the_network_on_whole_batches_and_score_in_pieces(worl
 
 
 def test_model_samples_in_bf16_are_close_to_fp32_and_say_so():
-    from pipeline.images import ModelSamples
+    from pipeline.benchmark.images import ModelSamples
 
     model = _model("ddpm")
     fp32, bf16 = (torch.cat([b.images for b in ModelSamples(model, 8, 3, p).batches(8)]).float().flatten()

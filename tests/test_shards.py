@@ -11,8 +11,7 @@ import pytest
 from PIL import Image
 
 from pipeline.data.datamodule import ShardDataModule
-from pipeline.data.shards import (ShardError, load_manifest, parse_shard_size, split_indices, verify_shards,
-                                  write_shards)
+from pipeline.data.shards import ShardError, load_manifest, parse_shard_size, split_indices, verify_shards, write_shards
 from pipeline.data.sources import DigitsSource, FolderSource, SourceError, open_source
 from pipeline.io import sha256_file
 

@@ -19,9 +19,9 @@ from typing import Optional
 import pytest
 import torch
 import yaml
-from conftest import genbench
 
-from pipeline.distributed import free_port
+from conftest import genbench
+from pipeline.benchmark.distributed import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 GENBENCH_EXE = Path(sys.executable).parent / "genbench"
@@ -356,7 +356,7 @@ def test_submit_stops_on_bad_input_before_submitting_anything(tmp_path, digits_s
 
 
 def test_a_job_holding_more_gpus_than_devices_is_refused(monkeypatch):
-    from pipeline.preemption import allocation_problem
+    from pipeline.fit.preemption import allocation_problem
 
     monkeypatch.delenv("SLURM_GPUS_ON_NODE", raising=False)
     assert allocation_problem(1) is None

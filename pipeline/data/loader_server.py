@@ -1,4 +1,4 @@
-"""Imported only by the data loaders' fork server (``set_forkserver_preload`` in datamodule.py), never by the
+"""Imported only by the data loaders' fork server (``set_forkserver_preload`` in loaders.py), never by the
 training process.
 
 It loads once what every worker needs, so forking a worker from the server costs no imports, and it makes
@@ -9,6 +9,6 @@ down before the training process has checkpointed. The server still exits with t
 
 import signal
 
-import pipeline.data.datamodule  # noqa: F401  (torch, webdataset and the stream classes the workers unpickle)
+import pipeline.data.stream  # noqa: F401  (torch, webdataset and the stream classes the workers unpickle)
 
 signal.signal(signal.SIGTERM, signal.SIG_IGN)

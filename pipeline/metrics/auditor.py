@@ -9,7 +9,7 @@ Trainer and cached; its held-out accuracy travels with every record that uses it
 from __future__ import annotations
 
 import json
-import os
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -21,13 +21,11 @@ from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from pipeline.data.datamodule import ShardDataModule
-from pipeline.io import atomic_write_json
-from pipeline.models.nets import group_norm
+from pipeline.io import atomic_write_json, cache_dir
 
 
-def cache_dir() -> Path:
-    """genbench's cache (auditors, reference statistics): $GENBENCH_CACHE or ~/.cache/genbench."""
-    return Path(os.environ.get("GENBENCH_CACHE", Path.home() / ".cache" / "genbench"))
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, channels), channels)
 
 
 class AuditorNet(nn.Module):

@@ -6,7 +6,6 @@ pixel's nearest colour in a k-means palette fitted on the training pixels (one t
 
 from __future__ import annotations
 
-import io
 import math
 from typing import Literal, Optional
 
@@ -14,45 +13,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.data.palette import fit_palette
 from pipeline.models.base import FAMILIES, GenerativeModule, PerSampleNoise, linear_warmup
 from pipeline.models.nets import TransformerBlock
 
 LEVELS = 256
-PALETTE_PIXELS = 200_000  # training pixels the k-means palette is fitted on
-
-
-def fit_palette(shards: str, size: int, channels: int) -> torch.Tensor:
-    """k-means colours (size x channels, values 0..255) of the first training pixels of ``shards``.
-
-    Deterministic (same pixels, fixed seed) and cached under the manifest hash, so every rank and every
-    reload gets the same palette without refitting.
-    """
-    from sklearn.cluster import MiniBatchKMeans
-
-    from pipeline.data.datamodule import reference_batches
-    from pipeline.data.shards import load_manifest, manifest_hash
-    from pipeline.io import atomic_write_bytes
-    from pipeline.metrics.auditor import cache_dir
-
-    path = cache_dir() / "palettes" / f"{manifest_hash(load_manifest(shards))[:16]}-k{size}.pt"
-    if path.exists():
-        return torch.load(path, weights_only=True)
-    pixels, count = [], 0
-    for batch in reference_batches(shards, "train", 1000):
-        chunk = batch["image"].permute(0, 2, 3, 1).reshape(-1, batch["image"].shape[1])
-        pixels.append(chunk)
-        count += len(chunk)
-        if count >= PALETTE_PIXELS:
-            break
-    data = torch.cat(pixels)[:PALETTE_PIXELS].float().numpy()
-    if data.shape[1] != channels:
-        raise ValueError(f"{shards} holds {data.shape[1]}-channel images, the model {channels}")
-    kmeans = MiniBatchKMeans(n_clusters=size, random_state=0, n_init=3, batch_size=4096).fit(data)
-    palette = torch.from_numpy(kmeans.cluster_centers_).float().round().clamp(0, 255)
-    buf = io.BytesIO()
-    torch.save(palette, buf)
-    atomic_write_bytes(path, buf.getvalue())
-    return palette
 
 
 @FAMILIES.register("ar")
@@ -92,8 +57,10 @@ class Autoregressive(GenerativeModule):
                 raise ValueError("model.init_args.tokenizer=palette needs model.init_args.palette_shards: the shard "
                                  "directory to fit the colour palette on (usually data.init_args.shards)")
             # Not a buffer: the EMA callback averages buffers, which would blur the colours. It travels
-            # in checkpoints through on_save/on_load_checkpoint, and is identical on every rank.
-            self.palette = fit_palette(palette_shards, palette_size, channels)
+            # in checkpoints through on_save/on_load_checkpoint, and is identical on every rank. Fitted on
+            # first use, not here: a model loaded from a checkpoint takes the checkpoint's palette and needs
+            # no shards at all.
+            self._palette: Optional[torch.Tensor] = None
             self.vocab, self.seq_len = palette_size, image_size * image_size
         else:
             self.vocab, self.seq_len = LEVELS, image_size * image_size * channels
@@ -104,6 +71,14 @@ class Autoregressive(GenerativeModule):
         self.blocks = nn.ModuleList([self.maybe_compile(TransformerBlock(dim, heads, dropout)) for _ in range(depth)])
         self.ln = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, self.vocab, bias=False)
+
+    @property
+    def palette(self) -> torch.Tensor:
+        """The k-means colours (palette_size x channels, 0..255): the checkpoint's, else fitted on the shards."""
+        if self._palette is None:
+            hp = self.hparams
+            self._palette = fit_palette(hp.palette_shards, hp.palette_size, hp.channels)
+        return self._palette
 
     @property
     def nfe(self) -> int:
@@ -163,7 +138,7 @@ class Autoregressive(GenerativeModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         if self.tokenizer == "palette" and "palette" in checkpoint.get("genbench", {}):
-            self.palette = checkpoint["genbench"]["palette"]
+            self._palette = checkpoint["genbench"]["palette"]
 
     def on_validation_epoch_end(self) -> None:
         # values logged in validation_step are already reduced over the epoch (and ranks) here

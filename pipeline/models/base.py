@@ -6,7 +6,6 @@ The benchmark, data and CLI code only ever call what is defined here: ``training
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Optional, Sequence
 
 import torch
@@ -15,8 +14,9 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.callbacks.weight_averaging import EMAWeightAveraging
 from pytorch_lightning.utilities import GradClipAlgorithmType
 
-from pipeline.data.datamodule import to_uint8
+from pipeline.data.imageops import to_uint8
 from pipeline.registry import Registry
+from pipeline.seeds import stable_seed
 
 
 class EMA(EMAWeightAveraging):
@@ -33,8 +33,7 @@ class EMA(EMAWeightAveraging):
 
 def sample_seed(seed: int, index: int) -> int:
     """The seed of sample ``index`` of a draw with ``seed``: independent of batch, device and rank."""
-    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return stable_seed(seed, index)
 
 
 class PerSampleNoise:

@@ -5,14 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from PIL import Image
 from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.callbacks.weight_averaging import WeightAveraging
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 from torchvision.utils import make_grid
 
-from pipeline.io import atomic_write_bytes
+from pipeline.data.imageops import save_png
 
 GRID_SEED = 1234  # fixed, so grids of successive steps show the same noise
 
@@ -26,18 +25,6 @@ def grid_image(model, per_class: int = 8, unconditional: int = 64) -> torch.Tens
         return make_grid(images, nrow=per_class, padding=1)
     images = model.sample(unconditional, seed=GRID_SEED)
     return make_grid(images, nrow=8, padding=1)
-
-
-def save_png(image: torch.Tensor, path: Path, scale: int = 1) -> Path:
-    array = image.permute(1, 2, 0).numpy()
-    pil = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-    if scale > 1:
-        pil = pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
-    import io
-
-    buf = io.BytesIO()
-    pil.save(buf, format="PNG")
-    return atomic_write_bytes(path, buf.getvalue())
 
 
 class SampleGrids(Callback):

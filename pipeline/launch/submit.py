@@ -35,9 +35,9 @@ from typing import Any, Optional
 import yaml
 from jsonargparse import ArgumentParser
 
+from pipeline.fit.provenance import now
+from pipeline.fit.train import check_model_fits_data, ensure_shards, resolve
 from pipeline.io import atomic_write_json, atomic_write_text
-from pipeline.provenance import now
-from pipeline.train import check_model_fits_data, ensure_shards, resolve
 
 SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
 
@@ -281,7 +281,7 @@ def _resources(nodes: int, ntasks_per_node: int, gpus_per_node: int, cpus_per_ta
 
 
 def render(sweep: Sweep, tasks: list[Task], sweeps_root: Path = Path("sweeps")) -> Submission:
-    from pipeline.runner import has_reference_rows
+    from pipeline.launch.runner import has_reference_rows
 
     directory = sweeps_root / sweep.name
     results = sweep.results or f"results/{sweep.name}"

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from pipeline.leaderboard import COLUMNS, format_cell, is_reference_row
+from pipeline.leaderboard.table import direction, format_cell, is_reference_row, used_columns
 
 _SORT_SCRIPT = """
 document.querySelectorAll('th[data-col]').forEach(th => th.addEventListener('click', () => {
@@ -84,9 +84,9 @@ def _scatter(rows: list[dict], metric: str, x_of, x_label: str, width: int = 460
 
 
 def render_html(rows: list[dict], metric: str, ranks: list[str], results: str | Path, out: Path) -> str:
-    used = [c for c in COLUMNS if any(c.value(r) is not None for r in rows)]
+    used = used_columns(rows)
     head = "".join(f'<th data-col="{i}">{html.escape(h)}</th>'
-                   for i, h in enumerate(["rank"] + [c.header for c in used] + ["samples", "links"]))
+                   for i, h in enumerate(["rank"] + [c.label for c in used] + ["samples", "links"]))
     body = []
     for rank, r in zip(ranks, rows):
         cells = [f'<td data-v="{"" if rank == "ref" else rank}">{rank}</td>']
@@ -107,7 +107,8 @@ def render_html(rows: list[dict], metric: str, ranks: list[str], results: str | 
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>genbench leaderboard</title><style>{_STYLE}</style></head>
 <body><h1>genbench leaderboard</h1>
-<p>Sorted by <code>{html.escape(metric)}</code> (lower is better); click a header to sort by it. One row per run and
+<p>Sorted by <code>{html.escape(metric)}</code> ({direction(metric)}; ↓/↑ after a header: lower/higher is
+better); click a header to sort by it. One row per run and
 protocol, from the records in <code>{html.escape(str(results))}</code>. Grey rows are the reference frame: the held-out
 validation split scored as if generated, and uniform noise. <code>a ± b</code>: mean and standard deviation over
 repeated sample sets.</p>

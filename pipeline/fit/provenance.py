@@ -152,6 +152,6 @@ class ProvenanceCallback(Callback):
 
 
 def _preempted(trainer: Trainer) -> bool:
-    from pipeline.preemption import PreemptionCheckpoint
+    from pipeline.fit.preemption import PreemptionCheckpoint
 
     return any(isinstance(cb, PreemptionCheckpoint) and cb.preempted for cb in trainer.callbacks)

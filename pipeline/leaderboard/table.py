@@ -1,18 +1,17 @@
-"""Result records -> leaderboard tables (md, csv, html). A pure function of the records; records are never edited."""
+"""The leaderboard table: which records become rows, in which order, with which columns.
+
+A pure function of the result records; records are never edited. The renderers (``text`` for markdown
+and CSV, ``html``) only format what this module selects.
+"""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-from pipeline.io import atomic_write_text
-from pipeline.metrics import (KEY_AUDIT, KEY_FD_AUDITOR, KEY_FID, KEY_IS_MEAN, KEY_KID_MEAN, KEY_PRECISION,
-                              KEY_RECALL)
+from pipeline.metrics import KEY_AUDIT, KEY_FD_AUDITOR, KEY_FID, KEY_IS_MEAN, KEY_KID_MEAN, KEY_PRECISION, KEY_RECALL
 
 
 @dataclass(frozen=True)
@@ -21,7 +20,16 @@ class Column:
     path: tuple[str, ...]  # where the value lives in a record
     fmt: str = "{}"
     has_std: bool = False  # metrics: with --repeats, metrics_std holds the spread at the same path
-    lower_is_better: Optional[bool] = None
+    lower_is_better: Optional[bool] = None  # None: not a quality metric (names, costs)
+
+    @property
+    def arrow(self) -> str:
+        """The header's direction mark: which way is better."""
+        return "" if self.lower_is_better is None else " ↓" if self.lower_is_better else " ↑"
+
+    @property
+    def label(self) -> str:
+        return self.header + self.arrow
 
     def value(self, record: dict, root: str | None = None) -> Any:
         node: Any = record if root is None else record.get(root)
@@ -101,14 +109,30 @@ def format_cell(record: dict, column: Column, with_std: bool = True) -> str:
     return f"{text} ± {column.fmt.format(std)}" if isinstance(std, (int, float)) else text
 
 
+def column(header: str) -> Column:
+    return next(c for c in COLUMNS if c.header == header)
+
+
+def direction(metric: str) -> str:
+    """``lower is better`` or ``higher is better``, from the metric's column."""
+    return "lower is better" if column(metric).lower_is_better else "higher is better"
+
+
 def ranked_rows(results: str | Path) -> tuple[list[dict], str]:
+    """The newest record per (run, protocol), best first on the primary metric; rows without it last."""
     rows = latest_per_protocol(load_records(results))
     metric = primary_metric(rows)
-    rows.sort(key=lambda r: (r["metrics"].get(metric) is None, r["metrics"].get(metric, 0.0)))
+    sign = 1.0 if column(metric).lower_is_better else -1.0
+    rows.sort(key=lambda r: (r["metrics"].get(metric) is None, sign * r["metrics"].get(metric, 0.0)))
     return rows, metric
 
 
-def _ranks(rows: list[dict]) -> list[str]:
+def used_columns(rows: list[dict]) -> list[Column]:
+    """The columns that have a value in at least one row: what the markdown and HTML tables show."""
+    return [c for c in COLUMNS if any(c.value(r) is not None for r in rows)]
+
+
+def ranks(rows: list[dict]) -> list[str]:
     out, n = [], 0
     for r in rows:
         if is_reference_row(r):
@@ -117,76 +141,3 @@ def _ranks(rows: list[dict]) -> list[str]:
             n += 1
             out.append(str(n))
     return out
-
-
-def _csv(rows: list[dict], out: Path) -> str:
-    """Raw values (full precision, no thousands separators), std in ``<metric>_std`` columns."""
-    headers = ["rank"] + [c.header for c in COLUMNS] + [f"{c.header}_std" for c in METRIC_COLUMNS] + ["record"]
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(headers)
-    for rank, r in zip(_ranks(rows), rows):
-        values = [c.value(r) for c in COLUMNS] + [c.value(r, "metrics_std") for c in METRIC_COLUMNS]
-        writer.writerow([rank] + ["" if v is None else v for v in values] + [_rel(r["_file"], out)])
-    return buf.getvalue()
-
-
-def _rel(path: Optional[str], out: Path) -> str:
-    return "" if not path else os.path.relpath(path, out)
-
-
-def _markdown(rows: list[dict], metric: str, results: str | Path, out: Path) -> str:
-    used = [c for c in COLUMNS if any(c.value(r) is not None for r in rows)]
-    headers = ["rank"] + [c.header for c in used] + ["links"]
-    lines = ["# genbench leaderboard\n",
-             f"Sorted by `{metric}` (lower is better). One row per run and protocol; each links to its immutable "
-             f"result record in `{results}` and its run directory. `ref` rows frame the table: the held-out "
-             "validation split scored as if generated (the best a model can do at that sample count) and uniform "
-             "noise. `a ± b`: mean and standard deviation over `--repeats` sample sets.\n",
-             "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for rank, r in zip(_ranks(rows), rows):
-        links = f"[record]({_rel(r['_file'], out)})"
-        if r.get("run_dir"):
-            links += f" [run]({_rel(r['run_dir'], out)})"
-        lines.append("| " + " | ".join([rank] + [format_cell(r, c) for c in used] + [links]) + " |")
-    skipped = sorted({f"- `{k}` skipped for {r['run_id']}: {v}" for r in rows for k, v in r.get("skipped", {}).items()})
-    if skipped:
-        lines += ["", "## Skipped metrics", ""] + skipped
-    return "\n".join(lines) + "\n"
-
-
-def build(results: str | Path, out: str | Path, wandb: str = "auto") -> Optional[Path]:
-    """Write leaderboard.md, .csv and .html into ``out``; returns the markdown path (None if no records)."""
-    from pipeline.leaderboard_html import render_html
-
-    rows, metric = ranked_rows(results)
-    if not rows:
-        return None
-    out = Path(out)
-    atomic_write_text(out / "leaderboard.csv", _csv(rows, out))
-    atomic_write_text(out / "leaderboard.html", render_html(rows, metric, _ranks(rows), results, out))
-    path = atomic_write_text(out / "leaderboard.md", _markdown(rows, metric, results, out))
-    log_to_wandb(rows, out, wandb)
-    return path
-
-
-def log_to_wandb(rows: list[dict], out: Path, mode: str = "auto",
-                 project: str = "genbench") -> Optional[str]:
-    """Log the table as a W&B Table (``auto``: only when W&B is logged in); returns the run's directory."""
-    from pipeline.train import wandb_mode
-
-    mode = {"auto": "online" if wandb_mode() == "online" else "off"}.get(mode, mode)
-    if mode == "off":
-        return None
-    import wandb
-
-    run = wandb.init(project=project, job_type="leaderboard", name=f"leaderboard-{out.name}", dir=str(out),
-                     mode=mode, reinit="create_new")
-    columns: list[tuple[str, Callable[[dict], Any]]] = [(c.header, c.value) for c in COLUMNS]
-    table = wandb.Table(columns=["rank"] + [h for h, _ in columns] + ["record"],
-                        data=[[rank] + [get(r) for _, get in columns] + [os.path.basename(r["_file"])]
-                              for rank, r in zip(_ranks(rows), rows)])
-    run.log({"leaderboard": table})
-    directory = run.dir
-    run.finish()
-    return directory

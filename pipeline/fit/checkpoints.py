@@ -27,7 +27,7 @@ class RunCheckpoint(ModelCheckpoint):
                          enable_version_counter=False)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # A preempted run has just saved last.ckpt at its step boundary (pipeline.preemption); writing it again
+        # A preempted run has just saved last.ckpt at its step boundary (pipeline.fit.preemption); writing it again
         # here, after the loop ended, would record an end-of-training loop state the requeued job must not see.
         if any(getattr(cb, "preempted", False) for cb in trainer.callbacks):
             return

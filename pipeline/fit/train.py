@@ -22,15 +22,15 @@ from pytorch_lightning import Trainer
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import WandbLogger
 
-from pipeline.checkpointing import LAST, RunCheckpoint
 from pipeline.data.datamodule import ShardDataModule
 from pipeline.data.shards import MANIFEST, load_manifest
+from pipeline.fit.checkpoints import LAST, RunCheckpoint
+from pipeline.fit.options import BenchmarkOptions, PrepareOptions, RunOptions, TrackingOptions
+from pipeline.fit.preemption import PreemptionCheckpoint, allocation_problem, requeue_job, slurm_job_id, under_slurm
+from pipeline.fit.provenance import ProvenanceCallback
+from pipeline.fit.tracking import ContinuingCSVLogger, wandb_mode
 from pipeline.io import atomic_write_text
 from pipeline.models.base import GenerativeModule
-from pipeline.options import BenchmarkOptions, PrepareOptions, RunOptions, TrackingOptions
-from pipeline.preemption import PreemptionCheckpoint, allocation_problem, requeue_job, slurm_job_id, under_slurm
-from pipeline.provenance import ProvenanceCallback
-from pipeline.tracking import ContinuingCSVLogger
 
 # Our train loader's __len__ is exact (per-worker quotas), and args are passed on purpose.
 warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined.*")
@@ -60,16 +60,6 @@ def config_hash(config: Namespace) -> str:
 def run_directory(config: Namespace) -> Path:
     run = config.run
     return Path(run.root) / (run.id or f"{run.name}-{config_hash(config)[:8]}")
-
-
-def wandb_mode() -> str:
-    """online if the user configured W&B (API key or ``wandb login``), else offline; WANDB_MODE overrides."""
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    netrc = Path.home() / ".netrc"
-    if os.environ.get("WANDB_API_KEY") or (netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")):
-        return "online"
-    return "offline"
 
 
 def _rank_from_env() -> int:
@@ -195,7 +185,7 @@ class GenbenchCLI(LightningCLI):
         plugins = _as_list(trainer_config.get("plugins"))
         if under_slurm():
             # Lightning's own auto-requeue checkpoints inside the signal handler; PreemptionCheckpoint does it at a
-            # step boundary on all ranks (see pipeline/preemption.py).
+            # step boundary on all ranks (see pipeline/fit/preemption.py).
             plugins.append(SLURMEnvironment(auto_requeue=False))
             extra.append(PreemptionCheckpoint(run_dir / "checkpoints" / "last.ckpt"))
         # The run directory, loggers and checkpointing are genbench's; the rest of the trainer is the config's.

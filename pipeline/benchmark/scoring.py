@@ -19,17 +19,41 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-from pipeline.distributed import Placement, barrier, broadcast
-from pipeline.io import atomic_write_bytes, sha256_file
-from pipeline.metrics import (AUDIT, AUDITOR_METRICS, FD_AUDITOR, FID, INCEPTION_METRICS, IS, KEY_AUDIT,
-                              KEY_FD_AUDITOR, KEY_FID, KID, PR, SELECTABLE)
+from pipeline.benchmark.distributed import Placement, barrier, broadcast
+from pipeline.io import atomic_write_bytes, cache_dir, sha256_file
+from pipeline.metrics import (
+    AUDIT,
+    AUDITOR_METRICS,
+    FD_AUDITOR,
+    FID,
+    INCEPTION_METRICS,
+    IS,
+    KEY_AUDIT,
+    KEY_FD_AUDITOR,
+    KEY_FID,
+    KID,
+    PR,
+    SELECTABLE,
+)
 from pipeline.metrics.accumulators import FeatureBank, FeatureStatistics
-from pipeline.metrics.auditor import auditor_path, cache_dir, load_auditor, train_auditor
+from pipeline.metrics.auditor import auditor_path, load_auditor, train_auditor
 from pipeline.metrics.bias import audit, histogram, per_class_fd
-from pipeline.metrics.features import (INCEPTION_FEATURES, INCEPTION_LOGITS, INCEPTION_RESIZE, InceptionFeatures,
-                                       WeightsUnavailable, resolve_inception_weights, strict_fp32)
-from pipeline.metrics.fidelity import (RNG_SEED, frechet_distance, inception_score, kernel_inception_distance,
-                                       precision_recall)
+from pipeline.metrics.features import (
+    INCEPTION_FEATURES,
+    INCEPTION_LOGITS,
+    INCEPTION_RESIZE,
+    InceptionFeatures,
+    WeightsUnavailable,
+    resolve_inception_weights,
+    strict_fp32,
+)
+from pipeline.metrics.fidelity import (
+    RNG_SEED,
+    frechet_distance,
+    inception_score,
+    kernel_inception_distance,
+    precision_recall,
+)
 
 
 class BenchmarkError(RuntimeError):

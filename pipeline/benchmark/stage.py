@@ -21,12 +21,12 @@ import numpy as np
 import torch
 import yaml
 
-from pipeline.distributed import Placement
-from pipeline.images import ImageSourceError, ModelSamples, ShardImages, UniformNoise, open_images
+from pipeline.benchmark.distributed import Placement
+from pipeline.benchmark.images import ImageSourceError, ModelSamples, ShardImages, UniformNoise, open_images
+from pipeline.benchmark.scoring import BenchmarkError, ScoreOptions, Scorer, cache_key, parse_metrics
+from pipeline.data.imageops import save_png
+from pipeline.fit.provenance import describe_environment, now
 from pipeline.io import write_new_json
-from pipeline.models.grids import save_png
-from pipeline.provenance import describe_environment, now
-from pipeline.scoring import BenchmarkError, ScoreOptions, Scorer, cache_key, parse_metrics
 
 RECORD_VERSION = 2
 # Reference rows of the leaderboard: what a perfect model and no model at all would score.

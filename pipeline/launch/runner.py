@@ -20,8 +20,8 @@ from jsonargparse import ArgumentParser
 
 from pipeline import leaderboard
 from pipeline.benchmark import ScoreOptions, benchmark_reference_rows, benchmark_run
-from pipeline.images import ShardImages
-from pipeline.train import DryRun, check_model_fits_data, config_hash, ensure_shards, resolve
+from pipeline.benchmark.images import ShardImages
+from pipeline.fit.train import DryRun, check_model_fits_data, config_hash, ensure_shards, resolve
 
 
 @dataclass

@@ -1,0 +1,63 @@
+"""Loader plumbing: where loader workers come from (a fork server), what they do with SIGTERM, and a
+DataLoader that passes the epoch to its stream."""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from pipeline.data.stream import ShardStream
+
+
+def ignore_sigterm(worker_id: int) -> None:
+    """Loader workers outlive a SIGTERM sent to the whole job (SLURM preempting or requeueing it).
+
+    SLURM signals every process of a job step. A worker killed by it makes the main process's loader fail
+    (PyTorch checks that its workers live) before the step can be checkpointed (pipeline/fit/preemption.py).
+    So the workers, like their fork server, leave the decision to the main process: they stop when it
+    shuts the loader down or exits (PyTorch's worker watchdog), or at SLURM's SIGKILL.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def loader_context() -> multiprocessing.context.BaseContext:
+    """Where loader workers come from: a fork server, not the training process.
+
+    Forking the training process, which runs threads (gloo's, NCCL's, W&B's, PyTorch's), copies the locks
+    those threads hold at that instant into the worker, which then waits on one forever: CI saw a resumed
+    DDP rank's worker stuck inside ``os.fork`` and the whole job hung. The fork server is a fresh,
+    single-threaded process that has imported the data code once (``pipeline.data.loader_server``); a
+    worker forked from it starts at once, and still sees the stream's current epoch, which is pickled to
+    it when the epoch's workers start. As with any fork server, a script that makes a loader with workers
+    runs its top-level code under ``if __name__ == "__main__":``.
+    """
+    context = multiprocessing.get_context("forkserver")
+    # "__main__" as multiprocessing's default: workers then do not re-import the main module one by one
+    context.set_forkserver_preload(["__main__", "pipeline.data.loader_server"])
+    return context
+
+
+class EpochDataLoader(DataLoader):
+    """A DataLoader that tells its stream the epoch before the workers start, and knows its length.
+
+    Workers start at each epoch (non-persistent), so the updated ``epoch`` reaches them and every
+    epoch draws a new, still deterministic, order — also after a resume, since the epoch comes from the
+    Trainer rather than from a counter that restarts at zero.
+    """
+
+    def __init__(self, dataset: ShardStream, epoch_fn=None, **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self._epoch_fn = epoch_fn
+
+    def __iter__(self):
+        if self._epoch_fn is not None:
+            self.dataset.epoch = int(self._epoch_fn())
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        if self.dataset.batches_per_rank is not None:
+            return self.dataset.batches_per_rank
+        raise TypeError("an evaluation stream has no fixed length")

@@ -1,0 +1,7 @@
+"""The leaderboard stage: result records -> ranked table (``table``) -> markdown/CSV (``text``) and
+self-contained HTML (``html``), written by ``build``."""
+
+from pipeline.leaderboard.build import build, log_to_wandb
+from pipeline.leaderboard.table import load_records, ranked_rows
+
+__all__ = ["build", "load_records", "log_to_wandb", "ranked_rows"]

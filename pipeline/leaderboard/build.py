@@ -1,0 +1,47 @@
+"""``genbench leaderboard``: write leaderboard.md, .csv and .html from a results directory, and optionally
+log the table to W&B."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from pipeline.fit.tracking import wandb_mode
+from pipeline.io import atomic_write_text
+from pipeline.leaderboard.html import render_html
+from pipeline.leaderboard.table import COLUMNS, ranked_rows, ranks
+from pipeline.leaderboard.text import render_csv, render_markdown
+
+
+def build(results: str | Path, out: str | Path, wandb: str = "auto") -> Optional[Path]:
+    """Write leaderboard.md, .csv and .html into ``out``; returns the markdown path (None if no records)."""
+    rows, metric = ranked_rows(results)
+    if not rows:
+        return None
+    out = Path(out)
+    atomic_write_text(out / "leaderboard.csv", render_csv(rows, out))
+    atomic_write_text(out / "leaderboard.html", render_html(rows, metric, ranks(rows), results, out))
+    path = atomic_write_text(out / "leaderboard.md", render_markdown(rows, metric, results, out))
+    log_to_wandb(rows, out, wandb)
+    return path
+
+
+def log_to_wandb(rows: list[dict], out: Path, mode: str = "auto",
+                 project: str = "genbench") -> Optional[str]:
+    """Log the table as a W&B Table (``auto``: only when W&B is logged in); returns the run's directory."""
+    mode = {"auto": "online" if wandb_mode() == "online" else "off"}.get(mode, mode)
+    if mode == "off":
+        return None
+    import wandb
+
+    run = wandb.init(project=project, job_type="leaderboard", name=f"leaderboard-{out.name}", dir=str(out),
+                     mode=mode, reinit="create_new")
+    columns: list[tuple[str, Callable[[dict], Any]]] = [(c.header, c.value) for c in COLUMNS]
+    table = wandb.Table(columns=["rank"] + [h for h, _ in columns] + ["record"],
+                        data=[[rank] + [get(r) for _, get in columns] + [os.path.basename(r["_file"])]
+                              for rank, r in zip(ranks(rows), rows)])
+    run.log({"leaderboard": table})
+    directory = run.dir
+    run.finish()
+    return directory
