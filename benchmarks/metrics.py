@@ -29,8 +29,8 @@ import torch
 from PIL import Image
 
 from pipeline.benchmark import ScoreOptions, benchmark_images
-from pipeline.benchmark.scoring import Inception
 from pipeline.io import atomic_write_json
+from pipeline.metrics.extractors import InceptionExtractor
 from pipeline.metrics.features import WeightsUnavailable, architecture_only_inception_weights, resolve_inception_weights
 
 
@@ -48,7 +48,7 @@ def make_folder(root: Path, n: int, seed: int) -> Path:
 
 def extraction_rate(weights: Path, device: str, batch: int, n: int, allow_tf32: bool) -> float:
     """Images/s of genbench's Inception extractor (channels-last, fp32 unless TF32 is allowed)."""
-    extractor = Inception(weights, device, allow_tf32)
+    extractor = InceptionExtractor(weights, device, allow_tf32)
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
     extractor(images)  # warm-up: cuDNN autotuning, lazy init
     if device.startswith("cuda"):

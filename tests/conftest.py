@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,3 +49,14 @@ def genbench(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int
                           text=True, timeout=timeout)
 
 
+def sweep_file(tmp_path: Path, shards: Path, **changes) -> Path:
+    """A sweep of two families x two seeds on the digits shards; ``changes`` replace its keys."""
+    sweep = {"name": "t", "families": ["vae", "gan"], "experiments_dir": str(REPO / "experiments" / "digits"),
+             "seeds": [0, 1], "overrides": ["--trainer.max_steps=20", "--trainer.enable_progress_bar=false",
+                                            f"--data.init_args.shards={shards}"],
+             "runs": "runs", "results": "results", "leaderboard": "board",
+             "benchmark": {"num_samples": 100, "metrics": "fd_auditor,audit"}}
+    sweep.update(changes)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path

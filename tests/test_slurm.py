@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import genbench
+from conftest import genbench, sweep_file
 from pipeline.benchmark.distributed import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -252,18 +252,6 @@ def test_preempted_job_checkpoints_requeues_and_resumes_the_same_state_and_wandb
     assert logged[-1] >= steps - 10 and logged[0] < preempted, "the metrics curve does not span both attempts"
 
 
-def _sweep_file(tmp_path: Path, shards: Path, **changes) -> Path:
-    sweep = {"name": "t", "families": ["vae", "gan"], "experiments_dir": str(REPO / "experiments" / "digits"),
-             "seeds": [0, 1], "overrides": ["--trainer.max_steps=20", "--trainer.enable_progress_bar=false",
-                                            f"--data.init_args.shards={shards}"],
-             "runs": "runs", "results": "results", "leaderboard": "board",
-             "benchmark": {"num_samples": 100, "metrics": "fd_auditor,audit"}}
-    sweep.update(changes)
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(sweep))
-    return path
-
-
 def _time(value: str) -> datetime:
     return datetime.fromisoformat(value)
 
@@ -271,7 +259,7 @@ def _time(value: str) -> datetime:
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_submit_sweep_trains_benchmarks_after_each_run_and_ranks_all_four(slurm_cluster, tmp_path, digits_shards):
-    sweep = _sweep_file(tmp_path, digits_shards)
+    sweep = sweep_file(tmp_path, digits_shards)
     env = _job_env(tmp_path / "cache")
     done = genbench("submit", str(sweep), cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -307,7 +295,7 @@ def test_submit_sweep_trains_benchmarks_after_each_run_and_ranks_all_four(slurm_
 def test_a_failed_training_run_cancels_its_benchmark_and_the_leaderboard_ranks_the_rest(slurm_cluster, tmp_path,
                                                                                         digits_shards):
     # lr 1e12 passes validation and diverges in training: genbench stops it on the non-finite loss
-    sweep = _sweep_file(tmp_path, digits_shards, families=["vae"], seeds=[0],
+    sweep = sweep_file(tmp_path, digits_shards, families=["vae"], seeds=[0],
                         grid={"model.init_args.lr": [0.002, 1.0e12]}, benchmark={
                             "num_samples": 100, "metrics": "fd_auditor,audit", "reference_rows": False})
     done = genbench("submit", str(sweep), cwd=tmp_path, env=_job_env(tmp_path / "cache"))
@@ -323,44 +311,3 @@ def test_a_failed_training_run_cancels_its_benchmark_and_the_leaderboard_ranks_t
     assert [r["run"] for r in rows] == [Path(plan["tasks"][0]["run_dir"]).name]
     failed = json.loads((tmp_path / plan["tasks"][1]["run_dir"] / "run.json").read_text())
     assert failed["status"] == "failed" and "non-finite" in failed["error"]
-
-
-def test_submit_dry_run_prints_the_commands_and_submits_nothing(tmp_path, digits_shards):
-    sweep = _sweep_file(tmp_path, digits_shards, train={"max_parallel": 2, "time": "00:30:00"})
-    done = genbench("submit", str(sweep), "--dry-run", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = done.stdout
-    assert not (tmp_path / "sweeps").exists() and not (tmp_path / "runs").exists()
-    assert "--array=0-3%2" in out and "--time=00:30:00" in out and "slurm/train.sbatch" in out
-    assert "--dependency=aftercorr:$TRAIN_JOB" in out and "--dependency=afterany:$BENCHMARK_JOB:$REFERENCE_JOB_1" in out
-    train_lines = out.split("train-tasks.txt <<'EOF'\n")[1].split("\nEOF")[0].splitlines()
-    assert len(train_lines) == 4 and sum("--seed_everything=1" in line for line in train_lines) == 2
-    bench_lines = out.split("benchmark-tasks.txt <<'EOF'\n")[1].split("\nEOF")[0].splitlines()
-    assert len({line.split()[1] for line in bench_lines}) == 4
-    assert all(line.startswith("--run runs/digits-") and "--num-samples 100" in line for line in bench_lines)
-    # the printed script is valid bash
-    assert subprocess.run(["bash", "-n"], input=out, text=True).returncode == 0
-
-
-@pytest.mark.parametrize("change,message", [
-    ({"families": [], "experiments": ["missing.yaml"]}, "experiment file"),
-    ({"families": ["vae", "flow"]}, "unknown family 'flow'"),
-    ({"train": {"gpus_per_node": 2}}, "gpus_per_node=2"),
-    ({"results": "blocker/results"}, "results directory blocker/results is not writable"),
-])
-def test_submit_stops_on_bad_input_before_submitting_anything(tmp_path, digits_shards, change, message):
-    (tmp_path / "blocker").write_text("a file where a directory would have to be")
-    done = genbench("submit", str(_sweep_file(tmp_path, digits_shards, **change)), cwd=tmp_path)
-    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
-    assert not (tmp_path / "sweeps").exists(), "task lists were written for a sweep that was not submitted"
-
-
-def test_a_job_holding_more_gpus_than_devices_is_refused(monkeypatch):
-    from pipeline.fit.preemption import allocation_problem
-
-    monkeypatch.delenv("SLURM_GPUS_ON_NODE", raising=False)
-    assert allocation_problem(1) is None
-    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "4")
-    assert "--ntasks-per-node=4" in allocation_problem(1)
-    assert "--ntasks-per-node=4" in allocation_problem("2")  # as `--trainer.devices=2` parses
-    assert allocation_problem(4) is None and allocation_problem("auto") is None

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.benchmark.distributed import Placement, barrier, broadcast
-from pipeline.io import atomic_write_bytes, cache_dir, sha256_file
+from pipeline.io import atomic_write_bytes, cache_dir
 from pipeline.metrics import (
     AUDIT,
     AUDITOR_METRICS,
@@ -36,17 +36,10 @@ from pipeline.metrics import (
     SELECTABLE,
 )
 from pipeline.metrics.accumulators import FeatureBank, FeatureStatistics
-from pipeline.metrics.auditor import auditor_path, load_auditor, train_auditor
+from pipeline.metrics.auditor import auditor_path, train_auditor
 from pipeline.metrics.bias import audit, histogram, per_class_fd
-from pipeline.metrics.features import (
-    INCEPTION_FEATURES,
-    INCEPTION_LOGITS,
-    INCEPTION_RESIZE,
-    InceptionFeatures,
-    WeightsUnavailable,
-    resolve_inception_weights,
-    strict_fp32,
-)
+from pipeline.metrics.extractors import EXTRACTORS, FeatureExtractor
+from pipeline.metrics.features import WeightsUnavailable, resolve_inception_weights
 from pipeline.metrics.fidelity import (
     RNG_SEED,
     frechet_distance,
@@ -146,43 +139,6 @@ def _as_tensors(stats: Optional[dict]) -> Optional[dict]:
     return {"mu": torch.as_tensor(stats["mu"]), "sigma": torch.as_tensor(stats["sigma"]), "count": stats["count"]}
 
 
-class Inception:
-    """torch-fidelity's InceptionV3 as a scorer's extractor."""
-
-    num_classes = 0
-
-    def __init__(self, weights: Path, device: str, allow_tf32: bool) -> None:
-        # channels-last: oneDNN and cuDNN pick faster convolutions (1.4x on a 2-core CPU), same fp32 math
-        self.net = InceptionFeatures(weights).to(device, memory_format=torch.channels_last).eval()
-        self.num_features, self.num_logits = self.net.num_features, self.net.num_logits
-        self.allow_tf32 = allow_tf32
-        self.identity = {"name": self.net.name, "weights_sha256": self.net.weights_sha256, "resize": INCEPTION_RESIZE,
-                         "features": f"pool3 ({INCEPTION_FEATURES}): FID, KID, precision/recall",
-                         "logits": f"{INCEPTION_LOGITS}: IS",
-                         "precision": "TF32 allowed" if allow_tf32 else "fp32 (TF32 off)"}
-
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad(), strict_fp32(not self.allow_tf32):
-            pool, logits = self.net(images)
-        return pool.float(), logits.float()
-
-
-class AuditorExtractor:
-    def __init__(self, path: Path, device: str) -> None:
-        self.net, info = load_auditor(path)
-        self.net.to(device)
-        self.num_classes, self.num_features = self.net.num_classes, self.net.num_features
-        self.shape = (self.net.hparams.channels, self.net.hparams.image_size, self.net.hparams.image_size)
-        self.class_names = self.net.hparams.class_names or [str(c) for c in range(self.num_classes)]
-        self.identity = {"sha256": sha256_file(path), "val_accuracy": info.get("val_accuracy"),
-                         "trained_on": info.get("manifest_hash"), "num_classes": self.num_classes}
-
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            features, logits = self.net(images)
-        return features.float(), logits.argmax(1)
-
-
 def _pass(source, extract, sink, opts: ScoreOptions, placement: Placement, device: str, desc: str) -> None:
     total = -(-source.num_images // opts.batch_size)
     bar = tqdm(total=total, desc=desc, unit="batch", disable=not (opts.progress and placement.is_main))
@@ -192,11 +148,12 @@ def _pass(source, extract, sink, opts: ScoreOptions, placement: Placement, devic
     bar.close()
 
 
-def _reference_features(name: str, reference, extractor, key: str, opts: ScoreOptions, placement: Placement,
+def _reference_features(reference, extractor: FeatureExtractor, key: str, opts: ScoreOptions, placement: Placement,
                         device: str, with_classes: bool) -> dict:
     """The reference's finalized FeatureSet for one extractor, from the cache or from one pass split over
     the ranks. Only rank 0 computes metrics, so only rank 0 reads the cache; the decision to recompute
-    is its too (broadcast), so that every rank joins the same collective pass."""
+    is its too (broadcast), so that every rank joins the same collective pass. ``with_classes``: keep
+    per-class statistics under the reference's own labels."""
     path = cache_dir() / "reference-stats" / f"{key}.pt"
     cached = None
     if placement.is_main:
@@ -206,15 +163,13 @@ def _reference_features(name: str, reference, extractor, key: str, opts: ScoreOp
             cached = None  # absent or damaged cache: recompute
     if broadcast(cached is not None, placement):
         return cached if placement.is_main else {}
-    num_classes = extractor.num_classes if with_classes else 0
-    fs = FeatureSet(extractor.num_features, device, keep_features=name == "inception", num_classes=num_classes)
-    if name == "inception":
-        def sink(batch, out):
-            fs.update(batch.index, out[0])
-    else:
-        def sink(batch, out):
-            fs.update(batch.index, out[0], classes=batch.labels)
-    _pass(reference, extractor, sink, opts, placement, device, f"reference features ({name})")
+    fs = FeatureSet(extractor.num_features, device, keep_features=extractor.keep_features,
+                    num_classes=extractor.num_classes if with_classes else 0)
+
+    def sink(batch, out):
+        fs.update(batch.index, out[0], classes=batch.labels if with_classes else None)
+
+    _pass(reference, extractor, sink, opts, placement, device, f"reference features ({extractor.name})")
     result = fs.finalize()
     if placement.is_main:
         buf = io.BytesIO()
@@ -238,8 +193,8 @@ class Scorer:
         self.inception = None
         if self.wanted & set(INCEPTION_METRICS):
             try:
-                self.inception = Inception(resolve_inception_weights(opts.inception_weights), self.device,
-                                           opts.allow_tf32)
+                self.inception = EXTRACTORS["inception"](resolve_inception_weights(opts.inception_weights),
+                                                         self.device, opts.allow_tf32)
             except WeightsUnavailable as e:
                 self.skipped.update({m: str(e) for m in INCEPTION_METRICS if m in self.wanted})
         self.auditor = None
@@ -249,14 +204,13 @@ class Scorer:
                 self.skipped.update({m: reason for m in AUDITOR_METRICS if m in self.wanted})
         self.labelled_reference = reference.label_histogram is not None
         self.ref_sets: dict[str, dict] = {}
-        if self.inception is not None:
-            key = cache_key(reference=reference.content_hash, **self.inception.identity)
-            self.ref_sets["inception"] = _reference_features("inception", reference, self.inception, key, opts,
-                                                             placement, self.device, with_classes=False)
-        if self.auditor is not None:
-            key = cache_key(reference=reference.content_hash, extractor="auditor", **self.auditor.identity)
-            self.ref_sets["auditor"] = _reference_features("auditor", reference, self.auditor, key, opts, placement,
-                                                           self.device, with_classes=self.labelled_reference)
+        for extractor in (self.inception, self.auditor):
+            if extractor is None:
+                continue
+            key = cache_key(reference=reference.content_hash, extractor=extractor.name, **extractor.identity)
+            self.ref_sets[extractor.name] = _reference_features(
+                reference, extractor, key, opts, placement, self.device,
+                with_classes=bool(extractor.num_classes) and self.labelled_reference)
 
     def score(self, generated, preview: Optional[list] = None) -> tuple[dict, dict, dict]:
         """(metrics, skipped, protocol) of one image source on rank 0 (other ranks get empty metrics).
@@ -364,7 +318,7 @@ def _auditor(image_shape: tuple[int, ...], reference, opts: ScoreOptions, placem
             if placement.is_main:
                 train_auditor(reference.shards, epochs=opts.auditor_epochs, progress=opts.progress)
             barrier(placement)
-    auditor = AuditorExtractor(path, device)
+    auditor = EXTRACTORS["auditor"](path, device)
     for what, shape in (("generated images", image_shape), ("reference", reference.shape)):
         if tuple(shape) != auditor.shape:
             return None, (f"the auditor classifies {auditor.shape} (C, H, W) images but the {what} are "

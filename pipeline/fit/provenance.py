@@ -30,7 +30,7 @@ def now() -> str:
 
 def git_state(path: Optional[Path] = None) -> dict[str, Any]:
     """Commit and dirty flag of the genbench checkout (None outside a git checkout, e.g. a wheel install)."""
-    path = path or Path(__file__).resolve().parent.parent
+    path = path or Path(__file__).resolve().parents[2]  # the checkout: pipeline/fit/provenance.py -> repo
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
