@@ -115,7 +115,8 @@ def main() -> None:
         "png_compression": args.png_compression,
         "workers": {},
     }
-    print(f"{'workers':>7} {'ShardDataModule':>16} {'ImageFolder':>12} {'WebDataset(pil)':>16} {'ratio':>6} {'per worker':>11}")
+    print(f"{'workers':>7} {'ShardDataModule':>16} {'ImageFolder':>12} {'WebDataset(pil)':>16} {'ratio':>6} "
+          f"{'per worker':>11}")
     for workers, r in rows.items():
         ratio = r["shard_data_module"] / r["imagefolder"]
         result["workers"][str(workers)] = {

@@ -81,7 +81,8 @@ def main() -> None:
         try:
             weights, weights_kind = resolve_inception_weights(args.inception_weights), "real"
         except WeightsUnavailable:
-            weights, weights_kind = architecture_only_inception_weights(tmp / "inception.pth"), "architecture only (built here)"
+            weights = architecture_only_inception_weights(tmp / "inception.pth")
+            weights_kind = "architecture only (built here)"
         gen, ref = make_folder(tmp / "gen", n, 1), make_folder(tmp / "ref", n, 2)
         kid_size = min(1000, n)
         opts = ScoreOptions(metrics=("fid", "is", "kid"), batch_size=args.batch_size, inception_weights=str(weights),
@@ -109,7 +110,8 @@ def main() -> None:
         "date": dt.date.today().isoformat(), "device": device_name, "torch": torch.__version__,
         "torch_fidelity": torch_fidelity.__version__, "num_images_each": n, "batch_size": args.batch_size,
         "weights": weights_kind, **{k: round(v, 3) for k, v in timings.items()},
-        "ratio_cached_vs_torch_fidelity": round(timings["genbench_cached_reference_s"] / timings["torch_fidelity_s"], 3),
+        "ratio_cached_vs_torch_fidelity": round(timings["genbench_cached_reference_s"] / timings["torch_fidelity_s"],
+                                                3),
         "ratio_cold_vs_torch_fidelity": round(timings["genbench_cold_s"] / timings["torch_fidelity_s"], 3),
         "target_ratio_cached": 0.5,
         "feature_extraction_images_per_s": {k: round(v, 1) for k, v in rates.items()},

@@ -29,10 +29,12 @@ def _parser() -> argparse.ArgumentParser:
         if name == "fit":
             sub.add_parser(name, help=text, add_help=False)
     prep = sub.add_parser("prepare", help=COMMANDS["prepare"], description=COMMANDS["prepare"])
-    prep.add_argument("source", nargs="?", help="digits | folder:PATH | torchvision:NAME (CIFAR10, MNIST, FashionMNIST, CelebA)")
+    prep.add_argument("source", nargs="?",
+                      help="digits | folder:PATH | torchvision:NAME (CIFAR10, MNIST, FashionMNIST, CelebA)")
     prep.add_argument("--out", help="output shard directory")
     prep.add_argument("--verify", metavar="DIR", help="check the shards of DIR against its manifest instead of writing")
-    prep.add_argument("--val-fraction", type=float, default=0.1, help="fraction held out as the val split (default 0.1)")
+    prep.add_argument("--val-fraction", type=float, default=0.1,
+                      help="fraction held out as the val split (default 0.1)")
     prep.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
     prep.add_argument("--shard-size", default="10000", help="samples (5000) or bytes (64MB) per shard (default 10000)")
     prep.add_argument("--image-size", type=int, help="resize to this square size in pixels (default: keep)")
@@ -69,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, default=250, help="images per batch (default 250)")
     bench.add_argument("--allow-tf32", action="store_true",
                        help="let the GPU use TF32 for features (faster; recorded in the protocol)")
-    bench.add_argument("--results", help="directory of result records (default: the run's benchmark.results, else results/)")
+    bench.add_argument("--results",
+                       help="directory of result records (default: the run's benchmark.results, else results/)")
     bench.add_argument("--sample-precision", choices=("fp32", "bf16"),
                        help="with --run: sample in fp32 or under bf16 autocast (default: the run's "
                             "benchmark.sample_precision, fp32); recorded in the protocol")
@@ -145,7 +148,8 @@ def cmd_prepare(args, extra) -> int:
         problems = verify_shards(args.verify)
         for p in problems:
             print(f"FAIL {p}")
-        print(f"{args.verify}: {'OK, every shard matches the manifest' if not problems else f'{len(problems)} problem(s)'}")
+        verdict = f"{len(problems)} problem(s)" if problems else "OK, every shard matches the manifest"
+        print(f"{args.verify}: {verdict}")
         return 1 if problems else 0
     if not args.source or not args.out:
         print("genbench: error: prepare needs SOURCE and --out DIR (or --verify DIR)", file=sys.stderr)
@@ -194,8 +198,8 @@ def cmd_benchmark(args, extra) -> int:
             written = [benchmark_images(args.images, args.reference, labels=args.labels, name=args.name,
                                         results=args.results or "results", opts=opts, placement=placement)]
         else:
-            written = benchmark_reference_rows(args.reference, args.num_samples or 10000, args.seed or 0,
-                                               results=args.results or "results", opts=opts, placement=placement)
+            written = [*benchmark_reference_rows(args.reference, args.num_samples or 10000, args.seed or 0,
+                                                results=args.results or "results", opts=opts, placement=placement)]
     finally:
         shutdown(placement)
     for path in written:

@@ -24,7 +24,8 @@ def _fit(tmp_path, digits_shards, family, *overrides):
     return fit(["--config", str(REPO / "experiments" / "digits" / f"{family}.yaml"), f"--run.root={tmp_path}",
                 f"--data.init_args.shards={digits_shards}", "--data.init_args.num_workers=0",
                 "--data.init_args.batch_size=16", "--trainer.enable_progress_bar=false",
-                "--trainer.enable_model_summary=false", "--tracking.wandb=false", "--trainer.check_val_every_n_epoch=100",
+                "--trainer.enable_model_summary=false", "--tracking.wandb=false",
+                "--trainer.check_val_every_n_epoch=100",
                 "--benchmark.auditor_epochs=1", "--model.init_args.sample_every_n_steps=0", *SHRINK[family],
                 *overrides])
 

@@ -53,10 +53,12 @@ def test_model_that_does_not_fit_the_shards_fails_with_the_fix(digits_shards):
                       "--model.init_args.image_size=16"]).config
     with pytest.raises(ConfigError, match="image_size=16.*8x8.*image_size: 8"):
         check_model_fits_data(config)
-    config = resolve(["--config", VAE, f"--data.init_args.shards={digits_shards}", "--model.init_args.channels=3"]).config
+    config = resolve(["--config", VAE, f"--data.init_args.shards={digits_shards}",
+                      "--model.init_args.channels=3"]).config
     with pytest.raises(ConfigError, match="channels: 1"):
         check_model_fits_data(config)
-    config = resolve(["--config", VAE, f"--data.init_args.shards={digits_shards}", "--model.init_args.num_classes=7"]).config
+    config = resolve(["--config", VAE, f"--data.init_args.shards={digits_shards}",
+                      "--model.init_args.num_classes=7"]).config
     with pytest.raises(ConfigError, match="num_classes: 10"):
         check_model_fits_data(config)
 

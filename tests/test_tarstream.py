@@ -30,7 +30,8 @@ MEMBERS = [("000001.png", b"\x89PNG" + bytes(range(256)) * 3), ("000001.cls", b"
 
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 def test_members_equal_what_tarfile_reads(tmp_path, fmt):
-    members = MEMBERS if fmt != tarfile.USTAR_FORMAT else MEMBERS[:4] + [("p" * 60 + "/" + "q" * 50 + "/000003.png", b"z")]
+    long_name = "p" * 60 + "/" + "q" * 50 + "/000003.png"
+    members = MEMBERS if fmt != tarfile.USTAR_FORMAT else MEMBERS[:4] + [(long_name, b"z")]
     path = tmp_path / "s.tar"
     _tar(path, members, fmt)
     with tarfile.open(path) as tar:

@@ -50,7 +50,8 @@ def init_from_environment() -> Placement:
     if TorchElasticEnvironment.detect():
         world, per_node = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_WORLD_SIZE"])
     elif SLURMEnvironment.detect():
-        world, per_node = int(os.environ["SLURM_NTASKS"]), int(os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+        world = int(os.environ["SLURM_NTASKS"])
+        per_node = int(os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])  # "2(x3)": 2 tasks on 3 nodes
     else:
         return Placement()
     if world <= 1:

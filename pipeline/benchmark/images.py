@@ -125,13 +125,14 @@ class FolderImages:
                 else:
                     raise ImageSourceError(f"{path}:{row_number}: label {label!r} is neither a class index nor one "
                                            f"of the reference's class names {sorted(names)}")
-        labels, missing = [], []
+        labels: list[int] = []
+        missing: list[str] = []
         for p in self.files:
             rel = p.relative_to(self.folder).as_posix()
-            label = by_file.get(rel, by_file.get(p.name))
-            if label is None:
+            index = by_file.get(rel, by_file.get(p.name))
+            if index is None:
                 missing.append(rel)
-            labels.append(-1 if label is None else label)
+            labels.append(-1 if index is None else index)
         if missing:
             raise ImageSourceError(f"{path} gives no label for {len(missing)} image(s), e.g. {missing[:3]}; "
                                    "give every image a `file,label` row (file relative to the image folder)")
@@ -143,7 +144,8 @@ class FolderImages:
         if self._hash is None:
             h = hashlib.sha256()
             for p in self.files:
-                h.update(p.relative_to(self.folder).as_posix().encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
+                name = p.relative_to(self.folder).as_posix().encode()
+                h.update(name + b"\0" + hashlib.sha256(p.read_bytes()).digest())
             self._hash = h.hexdigest()
         return self._hash
 
@@ -152,8 +154,8 @@ class FolderImages:
 
     def _load(self, path: Path) -> torch.Tensor:
         try:
-            with Image.open(path) as img:
-                img = img.convert("L" if self.channels == 1 else "RGB")
+            with Image.open(path) as opened:
+                img = opened.convert("L" if self.channels == 1 else "RGB")
                 if img.size != self.size:
                     raise ImageSourceError(f"{path} is {img.size[0]}x{img.size[1]} but {self.files[0]} is "
                                            f"{self.size[0]}x{self.size[1]}; every image of a folder must have one size")

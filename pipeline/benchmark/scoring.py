@@ -102,8 +102,10 @@ class FeatureSet:
         if self.features is not None:
             self.features.update(features, index)
         if self.logits is not None:
+            assert logits is not None, "this feature set keeps logits: pass them"
             self.logits.update(logits, index)
         if self.classes is not None:
+            assert classes is not None, "this feature set keeps classes: pass them"
             classes = classes.to(features.device)
             self.classes.update(classes, index)
             for c in classes.unique().tolist():
@@ -162,7 +164,7 @@ def _reference_features(reference, extractor: FeatureExtractor, key: str, opts: 
         except (OSError, RuntimeError, EOFError, ValueError):
             cached = None  # absent or damaged cache: recompute
     if broadcast(cached is not None, placement):
-        return cached if placement.is_main else {}
+        return cached if cached is not None else {}  # only rank 0 reads the cache and computes metrics
     fs = FeatureSet(extractor.num_features, device, keep_features=extractor.keep_features,
                     num_classes=extractor.num_classes if with_classes else 0)
 
@@ -265,14 +267,16 @@ class Scorer:
     def _auditor_metrics(self, g: dict, r: dict) -> dict:
         out: dict[str, Any] = {}
         auditor, reference = self.auditor, self.reference
+        assert auditor is not None
         if FD_AUDITOR in self.wanted:
             out[KEY_FD_AUDITOR] = frechet_distance(g["stats"], r["stats"])
         if AUDIT in self.wanted:
             predictions = g["classes"].numpy()
             requested = None if g["requested"] is None else g["requested"].numpy()
             ref_hist = None
-            if self.labelled_reference:
-                ref_hist = list(reference.label_histogram) + [0] * (auditor.num_classes - len(reference.label_histogram))
+            if reference.label_histogram is not None:
+                missing = auditor.num_classes - len(reference.label_histogram)
+                ref_hist = list(reference.label_histogram) + [0] * missing
             result = audit(histogram(predictions, auditor.num_classes), ref_hist, requested=requested,
                            predictions=predictions, class_names=auditor.class_names)
             if self.labelled_reference:

@@ -41,11 +41,11 @@ def aggregate(draws: list[Any]) -> tuple[Any, Any]:
     numbers are averaged, lists element-wise; a value missing (None) in any draw stays None."""
     first = draws[0]
     if isinstance(first, dict):
-        pairs = {k: aggregate([d.get(k) for d in draws]) for k in first}
-        return {k: m for k, (m, _) in pairs.items()}, {k: s for k, (_, s) in pairs.items() if s is not None}
+        by_key = {k: aggregate([d.get(k) for d in draws]) for k in first}
+        return {k: m for k, (m, _) in by_key.items()}, {k: s for k, (_, s) in by_key.items() if s is not None}
     if isinstance(first, (list, tuple)) and first and not isinstance(first[0], str):
-        pairs = [aggregate([d[i] for d in draws]) for i in range(len(first))]
-        return [m for m, _ in pairs], [s for _, s in pairs]
+        by_item = [aggregate([d[i] for d in draws]) for i in range(len(first))]
+        return [m for m, _ in by_item], [s for _, s in by_item]
     if isinstance(first, bool) or not isinstance(first, (int, float)) or any(d is None for d in draws):
         return (first if all(d == first for d in draws) else None), None
     values = np.asarray(draws, dtype=np.float64)
@@ -94,7 +94,8 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
 def _evaluate(scorer: Scorer, sources: list) -> tuple:
     """Score each source with one scorer; returns (metrics, metrics_std, per-draw metrics, skipped, protocol,
     preview of the first source). With one source, std and draws are None."""
-    draws, preview = [], []
+    draws: list = []
+    preview: list = []
     skipped: dict = {}
     protocol: dict = {}
     for i, source in enumerate(sources):
@@ -148,7 +149,7 @@ def benchmark_run(run_dir: str | os.PathLike, num_samples: Optional[int] = None,
     bench = config.get("benchmark", {})
     num_samples = num_samples or bench.get("num_samples", 50000)
     seed = bench.get("seed", 0) if seed is None else seed
-    results = Path(results or bench.get("results", "results"))
+    results_dir = Path(results or bench.get("results", "results"))
     if metrics or bench.get("metrics"):
         opts.metrics = parse_metrics(metrics or bench["metrics"])
     if opts.inception_weights is None:
@@ -156,7 +157,7 @@ def benchmark_run(run_dir: str | os.PathLike, num_samples: Optional[int] = None,
     opts.auditor_epochs = bench.get("auditor_epochs", opts.auditor_epochs)
     if repeats < 1:
         raise BenchmarkError(f"--repeats {repeats}: draw at least one sample set")
-    check_writable(results)
+    check_writable(results_dir)
     reference = ShardImages(config["data"]["init_args"]["shards"], "train")
     precision = sample_precision or bench.get("sample_precision", "fp32")
     try:
@@ -171,7 +172,7 @@ def benchmark_run(run_dir: str | os.PathLike, num_samples: Optional[int] = None,
     run_info = read_run_info(run_dir)
     cost = model.cost()
     return _write_record(
-        results, _record_name(run_dir.name, num_samples, seed), placement, metrics_, std, draws, skipped, protocol,
+        results_dir, _record_name(run_dir.name, num_samples, seed), placement, metrics_, std, draws, skipped, protocol,
         preview, run_id=run_dir.name, run_dir=str(run_dir), family=model.family, conditional=model.conditional,
         provenance={k: run_info.get(k) for k in ("config_hash", "git", "packages", "data", "seed", "hardware",
                                                  "world_size", "status")},
@@ -190,13 +191,13 @@ def open_reference(path: str, split: str = "train"):
     return reference
 
 
-def benchmark_images(images: str, reference: str, labels: Optional[str] = None, results: str = "results",
+def benchmark_images(images: str, reference: str, labels: Optional[str] = None, results: str | Path = "results",
                      name: Optional[str] = None, opts: Optional[ScoreOptions] = None,
                      placement: Placement = Placement()) -> Optional[Path]:
     """Score images produced elsewhere (an image folder or shards) against a reference; write the record."""
     opts = opts or ScoreOptions()
-    results = Path(results)
-    check_writable(results)
+    results_dir = Path(results)
+    check_writable(results_dir)
     ref = open_reference(reference)
     try:
         source = open_images(images, channels=ref.shape[0], labels=labels, class_names=ref.class_names)
@@ -205,7 +206,7 @@ def benchmark_images(images: str, reference: str, labels: Optional[str] = None, 
     metrics, std, draws, skipped, protocol, preview = _evaluate(Scorer(ref, opts, placement, source.shape), [source])
     protocol.update(seed=None, repeats=1, images=source.describe())
     name = name or Path(images).resolve().name
-    return _write_record(results, _record_name(name, source.num_images, None), placement, metrics, std, draws,
+    return _write_record(results_dir, _record_name(name, source.num_images, None), placement, metrics, std, draws,
                          skipped, protocol, preview, run_id=name, run_dir=None, family="external",
                          conditional=labels is not None, provenance={"images": str(images), "labels": labels}, cost={})
 

@@ -50,14 +50,15 @@ class EpochDataLoader(DataLoader):
 
     def __init__(self, dataset: ShardStream, epoch_fn=None, **kwargs: Any) -> None:
         super().__init__(dataset, batch_size=None, **kwargs)
+        self.stream = dataset
         self._epoch_fn = epoch_fn
 
     def __iter__(self):
         if self._epoch_fn is not None:
-            self.dataset.epoch = int(self._epoch_fn())
+            self.stream.epoch = int(self._epoch_fn())
         return super().__iter__()
 
     def __len__(self) -> int:
-        if self.dataset.batches_per_rank is not None:
-            return self.dataset.batches_per_rank
+        if self.stream.batches_per_rank is not None:
+            return self.stream.batches_per_rank
         raise TypeError("an evaluation stream has no fixed length")

@@ -21,7 +21,7 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import webdataset as wds
@@ -132,7 +132,7 @@ def _write_split(source: Source, indices: np.ndarray, directory: Path, split: st
                  max_bytes: int, image_size: Optional[int], png_compression: int, progress: bool) -> dict:
     counts: Counter = Counter()
     labels: Counter = Counter()
-    shape = None
+    shape: Optional[tuple[int, ...]] = None
     writer, name = None, None
     try:
         for index in tqdm(indices, desc=f"prepare {split}", unit="img", disable=not progress):
@@ -157,7 +157,8 @@ def _write_split(source: Source, indices: np.ndarray, directory: Path, split: st
                 if writer is not None:
                     writer.close()
                 name = f"{split}-{len(counts):06d}.tar"
-                writer = wds.TarWriter(str(directory / name), mtime=0)  # fixed int mtime: same data, same sha256 (a float adds PAX headers)
+                # fixed int mtime: same data, same sha256 (a float adds PAX headers)
+                writer = wds.TarWriter(str(directory / name), mtime=0)
             writer.write(record)
             counts[name] += 1
     finally:
@@ -166,6 +167,7 @@ def _write_split(source: Source, indices: np.ndarray, directory: Path, split: st
     shards = [{"file": name, "num_samples": counts[name], "sha256": sha256_file(directory / name),
                "bytes": (directory / name).stat().st_size} for name in sorted(counts)]
     n_classes = max(labels) + 1 if labels else 0
+    assert shape is not None, f"the {split} split is empty"
     return {
         "num_samples": int(sum(counts.values())),
         "image_size": [int(shape[0]), int(shape[1])],
@@ -190,25 +192,53 @@ def _image_shape(data: bytes) -> tuple[int, int, int] | None:
     return arr.shape[0], arr.shape[1], 1 if arr.ndim == 2 else arr.shape[2]
 
 
-def count_tar_samples(path: str | os.PathLike) -> tuple[int, tuple[int, int, int] | None]:
-    """Count the samples (distinct keys) in a WebDataset tar and read the shape of its first image.
+class TarSummary(NamedTuple):
+    num_samples: int
+    image_shape: Optional[tuple[int, int, int]]  # (H, W, C) of the first image, None if none decodes
+    sha256: str  # of the whole file: the identity of its bytes
+
+
+class _HashingReader(io.RawIOBase):
+    """A file read once, front to back, hashing every byte on the way."""
+
+    def __init__(self, f) -> None:
+        self.f, self.digest = f, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.f.readinto(buffer)
+        self.digest.update(memoryview(buffer)[:n])
+        return n
+
+
+def count_tar_samples(path: str | os.PathLike) -> TarSummary:
+    """Count the samples (distinct keys) in a WebDataset tar, read the shape of its first image and hash
+    its bytes, in one sequential read.
 
     Raises ShardError naming the path if the tar is unreadable or truncated.
     """
     keys = set()
     shape = None
     try:
-        with tarfile.open(path, "r|*") as tar:
-            for member in tar:
-                if not member.isreg():
-                    continue
-                key, _, ext = Path(member.name).name.partition(".")
-                keys.add(str(Path(member.name).parent / key))
-                if shape is None and ext.lower() in ("png", "jpg", "jpeg"):
-                    shape = _image_shape(tar.extractfile(member).read())
+        with open(path, "rb") as raw:
+            reader = _HashingReader(raw)
+            with tarfile.open(fileobj=io.BufferedReader(reader), mode="r|*") as tar:
+                for member in tar:
+                    if not member.isreg():
+                        continue
+                    key, _, ext = Path(member.name).name.partition(".")
+                    keys.add(str(Path(member.name).parent / key))
+                    data = tar.extractfile(member)
+                    if shape is None and data is not None and ext.lower() in ("png", "jpg", "jpeg"):
+                        shape = _image_shape(data.read())
+            buffer = bytearray(1 << 20)
+            while reader.readinto(buffer):  # the end-of-archive padding, which tarfile stops before
+                pass
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ShardError(f"shard {path} is unreadable or truncated ({e}); recreate it with genbench prepare") from e
-    return len(keys), shape
+    return TarSummary(len(keys), shape, reader.digest.hexdigest())
 
 
 def load_manifest(directory: str | os.PathLike) -> dict:
@@ -219,7 +249,8 @@ def load_manifest(directory: str | os.PathLike) -> dict:
     """
     directory = Path(directory)
     if not directory.is_dir():
-        raise ShardError(f"shard directory {directory} does not exist; create it with: genbench prepare digits --out {directory}")
+        raise ShardError(f"shard directory {directory} does not exist; create it with: "
+                         f"genbench prepare digits --out {directory}")
     path = directory / MANIFEST
     if path.exists():
         try:
@@ -255,11 +286,14 @@ def index_foreign_shards(directory: Path) -> dict:
             files = [t for t in tars if not t.name.startswith("val-")]
         if not files:
             continue
-        shards, shape = [], None
+        shards: list[dict] = []
+        shape: Optional[tuple[int, int, int]] = None
         for t in files:
-            n, s = count_tar_samples(t)
-            shape = shape or s
-            shards.append({"file": t.name, "num_samples": n, "sha256": None, "bytes": t.stat().st_size})
+            # the bytes' hash too: it names reference caches, so an image edited in place must change it
+            summary = count_tar_samples(t)
+            shape = shape or summary.image_shape
+            shards.append({"file": t.name, "num_samples": summary.num_samples, "sha256": summary.sha256,
+                           "bytes": t.stat().st_size})
         if shape is None:
             raise ShardError(f"no PNG or JPEG image found in the shards {[t.name for t in files]} of {directory}")
         splits[split] = {"num_samples": sum(s["num_samples"] for s in shards), "image_size": [shape[0], shape[1]],
@@ -297,16 +331,17 @@ def verify_shards(directory: str | os.PathLike, progress: bool = True) -> list[V
         if not file.is_file():
             problems.append(VerifyProblem(str(file), "missing"))
             continue
-        digest = sha256_file(file)
-        if digest != shard["sha256"]:
-            problems.append(VerifyProblem(str(file), f"sha256 {digest[:12]}... differs from the manifest's {shard['sha256'][:12]}..."))
         try:
-            n, _ = count_tar_samples(file)
+            summary = count_tar_samples(file)
         except ShardError as e:
             problems.append(VerifyProblem(str(file), str(e)))
             continue
-        if n != shard["num_samples"]:
-            problems.append(VerifyProblem(str(file), f"holds {n} samples, the manifest says {shard['num_samples']}"))
+        if summary.sha256 != shard["sha256"]:
+            problems.append(VerifyProblem(str(file), f"sha256 {summary.sha256[:12]}... differs from the manifest's "
+                                                     f"{shard['sha256'][:12]}..."))
+        if summary.num_samples != shard["num_samples"]:
+            problems.append(VerifyProblem(str(file), f"holds {summary.num_samples} samples, the manifest says "
+                                                     f"{shard['num_samples']}"))
     return problems
 
 

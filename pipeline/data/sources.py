@@ -122,7 +122,8 @@ class TorchvisionSource(Source):
         import torchvision.datasets as tvd
 
         if dataset not in TORCHVISION_DATASETS:
-            raise SourceError(f"unknown torchvision dataset {dataset!r}; choose one of {', '.join(TORCHVISION_DATASETS)}")
+            raise SourceError(f"unknown torchvision dataset {dataset!r}; choose one of "
+                              f"{', '.join(TORCHVISION_DATASETS)}")
         self.name = f"torchvision:{dataset}"
         self.root = Path(root)
         self.attribute_names = []
@@ -134,7 +135,8 @@ class TorchvisionSource(Source):
                 self.attribute_names = list(self.ds.attr_names[:40])
                 if label_attribute is not None:
                     if label_attribute not in self.attribute_names:
-                        raise SourceError(f"CelebA has no attribute {label_attribute!r}; choose one of {self.attribute_names}")
+                        raise SourceError(f"CelebA has no attribute {label_attribute!r}; choose one of "
+                                          f"{self.attribute_names}")
                     self.class_names = [f"not {label_attribute}", label_attribute]
                 else:
                     self.class_names = []

@@ -29,7 +29,7 @@ class RunCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # A preempted run has just saved last.ckpt at its step boundary (pipeline.fit.preemption); writing it again
         # here, after the loop ended, would record an end-of-training loop state the requeued job must not see.
-        if any(getattr(cb, "preempted", False) for cb in trainer.callbacks):
+        if any(getattr(cb, "preempted", False) for cb in trainer.checkpoint_callbacks):
             return
         if self._last_global_step_saved != trainer.global_step and not trainer.sanity_checking:
             candidates = self._monitor_candidates(trainer)

@@ -17,6 +17,7 @@ from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.utilities import rank_zero_only
 
 from pipeline.io import atomic_write_json
+from pipeline.models.base import GenerativeModule
 
 PACKAGES = ("genbench", "torch", "torchvision", "pytorch-lightning", "torchmetrics", "torch-fidelity",
             "webdataset", "wandb", "numpy", "scipy", "scikit-learn", "jsonargparse")
@@ -52,7 +53,8 @@ def package_versions() -> dict[str, Optional[str]]:
 
 
 def hardware() -> dict[str, Any]:
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    gpus = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available() else [])
     return {"host": platform.node(), "platform": platform.platform(), "cpu_count": os.cpu_count(), "gpus": gpus,
             "slurm": {k: os.environ[k] for k in SLURM_VARS if k in os.environ} or None}
 
@@ -133,7 +135,7 @@ class ProvenanceCallback(Callback):
             "device_hours": round(self.record["device_hours"] + elapsed * trainer.world_size / 3600, 6),
             "global_step": trainer.global_step,
             "images_seen": pl_module.images_seen,
-            "cost": pl_module.cost() if hasattr(pl_module, "cost") else None,
+            "cost": pl_module.cost() if isinstance(pl_module, GenerativeModule) else None,
         })
         if error:
             self.record["error"] = error
@@ -154,4 +156,4 @@ class ProvenanceCallback(Callback):
 def _preempted(trainer: Trainer) -> bool:
     from pipeline.fit.preemption import PreemptionCheckpoint
 
-    return any(isinstance(cb, PreemptionCheckpoint) and cb.preempted for cb in trainer.callbacks)
+    return any(isinstance(cb, PreemptionCheckpoint) and cb.preempted for cb in trainer.checkpoint_callbacks)

@@ -58,4 +58,5 @@ class ContinuingCSVLogger(CSVLogger):
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _ContinuingWriter(log_dir=self.log_dir)
+        assert isinstance(self._experiment, ExperimentWriter)
         return self._experiment

@@ -146,7 +146,8 @@ class GenbenchCLI(LightningCLI):
         parser.add_class_arguments(PrepareOptions, "prepare")
         parser.add_class_arguments(BenchmarkOptions, "benchmark")
         parser.add_class_arguments(TrackingOptions, "tracking")
-        parser.add_argument("--dry-run", action="store_true", help="print the resolved config and the run directory, then exit")
+        parser.add_argument("--dry-run", action="store_true",
+                            help="print the resolved config and the run directory, then exit")
         # Data order is a function of the experiment seed: not set separately.
         parser.link_arguments("seed_everything", "data.init_args.seed")
 
@@ -226,7 +227,7 @@ def fit(args: list[str]) -> Path:
     assert cli.run_dir is not None
     ckpt = last_checkpoint(cli.run_dir)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt) if ckpt else None)
-    preemption = next((cb for cb in cli.trainer.callbacks if isinstance(cb, PreemptionCheckpoint)), None)
+    preemption = next((cb for cb in cli.trainer.checkpoint_callbacks if isinstance(cb, PreemptionCheckpoint)), None)
     if preemption is not None and preemption.requeue:
         job = slurm_job_id()
         if cli.trainer.is_global_zero:

@@ -79,16 +79,19 @@ def _finished(run_dir: Path, chash: str) -> bool:
 
 def has_reference_rows(results: Path, shards: str) -> bool:
     """Whether ``results`` already holds the floor and ceiling rows of this data set."""
+    if not results.exists():
+        return False
     data_hash = ShardImages(shards, "train").content_hash
     rows = {r.get("reference_row") for r in leaderboard.load_records(results)
-            if r.get("reference_row") and r["protocol"]["reference"]["hash"] == data_hash} if results.exists() else set()
+            if r.get("reference_row") and r["protocol"]["reference"]["hash"] == data_hash}
     return {"floor", "ceiling"} <= rows
 
 
 def run(paths: list[str], overrides: list[str], runs: Optional[str] = None, results: Optional[str] = None,
         leaderboard_dir: Optional[str] = None, progress: bool = True) -> Optional[Path]:
     jobs = []
-    suite_results, suite_board = results, leaderboard_dir
+    suite_results: Optional[str] = results
+    suite_board: Optional[str] = leaderboard_dir
     for p in paths:
         suite = load_suite(Path(p))
         root = runs or suite.runs
@@ -121,6 +124,7 @@ def run(paths: list[str], overrides: list[str], runs: Optional[str] = None, resu
                                                    results=job.results, opts=ScoreOptions(progress=progress)):
                 print(f"[benchmark] wrote reference row {record}", flush=True)
 
+    assert suite_results and suite_board, "a suite names its results and leaderboard directories"
     board = leaderboard.build(suite_results, suite_board)
     print(f"[leaderboard] {board}", flush=True)
     return board

@@ -6,7 +6,7 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from pipeline.launch.runner import has_reference_rows
 from pipeline.launch.sweep import Sweep, Task
@@ -28,7 +28,7 @@ class Submission:
 
 
 def sbatch(script: str, *args: str, job_name: str, output: Path, resources: list[str], env: str,
-           array: Optional[str] = None, dependency: Optional[str] = None, options: list[str] = ()) -> list[str]:
+           array: Optional[str] = None, dependency: Optional[str] = None, options: Sequence[str] = ()) -> list[str]:
     """One ``sbatch`` command line: ``--parsable`` (so the job id can be read back), the job's name, array,
     dependency, resources, working directory, log file, environment, further options, then the script and
     its arguments. A job whose dependency can never be met is cancelled, not left pending forever."""

@@ -30,15 +30,18 @@ def build(results: str | Path, out: str | Path, wandb: str = "auto") -> Optional
 def log_to_wandb(rows: list[dict], out: Path, mode: str = "auto",
                  project: str = "genbench") -> Optional[str]:
     """Log the table as a W&B Table (``auto``: only when W&B is logged in); returns the run's directory."""
-    mode = {"auto": "online" if wandb_mode() == "online" else "off"}.get(mode, mode)
-    if mode == "off":
+    resolved = {"auto": "online" if wandb_mode() == "online" else "off"}.get(mode, mode)
+    if resolved == "off":
         return None
+    if resolved not in ("online", "offline"):
+        raise ValueError(f"--wandb {mode!r}: use auto, online, offline or off")
     import wandb
 
     run = wandb.init(project=project, job_type="leaderboard", name=f"leaderboard-{out.name}", dir=str(out),
-                     mode=mode, reinit="create_new")
+                     mode="online" if resolved == "online" else "offline", reinit="create_new")
     columns: list[tuple[str, Callable[[dict], Any]]] = [(c.header, c.value) for c in COLUMNS]
-    table = wandb.Table(columns=["rank"] + [h for h, _ in columns] + ["record"],
+    headers: list[str | int] = ["rank", *(h for h, _ in columns), "record"]
+    table = wandb.Table(columns=headers,
                         data=[[rank] + [get(r) for _, get in columns] + [os.path.basename(r["_file"])]
                               for rank, r in zip(ranks(rows), rows)])
     run.log({"leaderboard": table})

@@ -75,9 +75,10 @@ def _scatter(rows: list[dict], metric: str, x_of, x_label: str, width: int = 460
         parts.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#999" '
                      f'stroke-dasharray="4 3"/><text x="{width - pad_r}" y="{sy(y) - 3:.1f}" text-anchor="end" '
                      f'fill="#777">{html.escape(name)}</text>')
-    for (x, y, name), lx in zip(points, xs):
+    for (_, y, name), lx in zip(points, xs):
         parts.append(f'<circle cx="{sx(lx):.1f}" cy="{sy(y):.1f}" r="4" fill="#1f77b4"><title>{html.escape(name)}: '
-                     f'{y:.4g}</title></circle><text x="{sx(lx) + 6:.1f}" y="{sy(y) - 6:.1f}">{html.escape(name)}</text>')
+                     f'{y:.4g}</title></circle>'
+                     f'<text x="{sx(lx) + 6:.1f}" y="{sy(y) - 6:.1f}">{html.escape(name)}</text>')
     parts.append(f'<text x="{(width + pad_l) / 2}" y="{height - 6}" text-anchor="middle">{html.escape(x_label)} '
                  f'(log scale)</text><text x="12" y="{pad_t - 6}">{html.escape(metric)}</text></svg>')
     return f"<figure>{''.join(parts)}<figcaption>{html.escape(title)}</figcaption></figure>"
@@ -96,7 +97,8 @@ def render_html(rows: list[dict], metric: str, ranks: list[str], results: str | 
             cells.append(f'<td class="{"num" if numeric else ""}" data-v="{html.escape("" if v is None else str(v))}">'
                          f'{html.escape(format_cell(r, c))}</td>')
         grid = _data_uri(Path(r["_file"]).parent / r["sample_grid"]) if r.get("sample_grid") else None
-        cells.append(f'<td data-v=""><img class="grid" src="{grid}" alt="samples"></td>' if grid else '<td data-v=""></td>')
+        image = f'<img class="grid" src="{grid}" alt="samples">' if grid else ""
+        cells.append(f'<td data-v="">{image}</td>')
         name = Path(r["_file"]).name
         run_link = (f' <a href="{html.escape(os.path.relpath(r["run_dir"], out))}">run</a>' if r.get("run_dir") else "")
         cells.append(f'<td data-v="{html.escape(name)}"><a href="{html.escape(os.path.relpath(r["_file"], out))}">'

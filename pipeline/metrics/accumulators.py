@@ -10,9 +10,8 @@ computed which sample.
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
-import numpy as np
 import torch
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
@@ -22,6 +21,10 @@ class FeatureStatistics(Metric):
     """Running sum, sum of outer products and count of feature vectors, in float64."""
 
     full_state_update = False
+    # the states add_state registers (declared so a type checker knows them)
+    feature_sum: torch.Tensor
+    outer_sum: torch.Tensor
+    count: torch.Tensor
 
     def __init__(self, num_features: int) -> None:
         super().__init__()
@@ -38,7 +41,7 @@ class FeatureStatistics(Metric):
         self.outer_sum += f.T @ f
         self.count += f.shape[0]
 
-    def compute(self) -> dict[str, np.ndarray]:
+    def compute(self) -> dict[str, Any]:
         """Mean and unbiased covariance (as ``np.cov``), the statistics torch-fidelity's FID takes."""
         n = int(self.count)
         if n < 2:
@@ -47,7 +50,7 @@ class FeatureStatistics(Metric):
         sigma = (self.outer_sum - n * torch.outer(mu, mu)) / (n - 1)
         return {"mu": mu.cpu().numpy(), "sigma": sigma.cpu().numpy(), "count": n}
 
-    def compute_or_none(self) -> Optional[dict[str, np.ndarray]]:
+    def compute_or_none(self) -> Optional[dict[str, Any]]:
         """Like ``compute`` (and as collective), but None for fewer than 2 vectors: a class seen once."""
         with warnings.catch_warnings():  # a rank that saw no vector of a class is normal here
             warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
@@ -65,6 +68,8 @@ class FeatureBank(Metric):
     """
 
     full_state_update = False
+    features: list[torch.Tensor] | torch.Tensor  # a list while updating, one tensor after a DDP sync
+    index: list[torch.Tensor] | torch.Tensor
 
     def __init__(self, row_shape: tuple[int, ...] = (), dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -82,6 +87,7 @@ class FeatureBank(Metric):
     def update(self, features: torch.Tensor, index: torch.Tensor) -> None:
         if len(features) != len(index):
             raise ValueError(f"{len(features)} feature rows but {len(index)} indices")
+        assert isinstance(self.features, list) and isinstance(self.index, list), "update after compute"
         self.features.append(features.detach())
         self.index.append(index.to(torch.long))
 

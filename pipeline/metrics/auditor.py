@@ -29,7 +29,8 @@ def group_norm(channels: int) -> nn.GroupNorm:
 
 
 class AuditorNet(nn.Module):
-    def __init__(self, channels: int, image_size: int, num_classes: int, width: int = 32, feature_dim: int = 64) -> None:
+    def __init__(self, channels: int, image_size: int, num_classes: int, width: int = 32,
+                 feature_dim: int = 64) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(channels, width, 3, padding=1), group_norm(width), nn.SiLU()]
         size, ch = image_size, width

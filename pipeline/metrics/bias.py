@@ -6,28 +6,29 @@ classes that were never generated count as zero, never dropped.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
 from pipeline.metrics.fidelity import frechet_distance
 
 EPS = 1e-12
+Counts = Union[Sequence[int], np.ndarray]  # class counts or labels, as a list or an array
 
 
-def histogram(predictions: Sequence[int], num_classes: int) -> np.ndarray:
+def histogram(predictions: Counts, num_classes: int) -> np.ndarray:
     return np.bincount(np.asarray(predictions, dtype=np.int64), minlength=num_classes)[:num_classes]
 
 
-def fairness_discrepancy(predicted_counts: Sequence[int]) -> float:
+def fairness_discrepancy(predicted_counts: Counts) -> float:
     """L2 distance of the predicted class distribution to uniform (Choi et al. 2020, "Fair generative
     modeling via weak supervision"): 0 when every class is generated equally often."""
     p = np.asarray(predicted_counts, dtype=np.float64)
     return float(np.linalg.norm(p / p.sum() - 1.0 / p.size))
 
 
-def audit(predicted_counts: Sequence[int], reference_counts: Optional[Sequence[int]] = None,
-          requested: Optional[Sequence[int]] = None, predictions: Optional[Sequence[int]] = None,
+def audit(predicted_counts: Counts, reference_counts: Optional[Counts] = None,
+          requested: Optional[Counts] = None, predictions: Optional[Counts] = None,
           class_names: Optional[Sequence[str]] = None) -> dict:
     """Distribution of generated classes, against the reference one when it is known.
 
@@ -64,10 +65,11 @@ def per_class_fd(generated: Sequence[Optional[dict]], reference: Sequence[Option
     """Fréchet distance per class between generated samples *predicted* as the class and reference
     samples *labelled* as it ({mu, sigma} each; None where a class has fewer than 2 samples, which
     gives None rather than a number). ``worst_to_best`` is the quality disparity between classes."""
-    per_class = {}
+    per_class: dict[str, Optional[float]] = {}
     for name, g, r in zip(class_names, generated, reference):
         per_class[name] = None if g is None or r is None else frechet_distance(g, r)
-    values = [v for v in per_class.values() if v is not None]
+    scored = {name: v for name, v in per_class.items() if v is not None}
+    values = list(scored.values())
     ratio = max(values) / min(values) if values and min(values) > 0 else None
     return {"per_class": per_class, "worst_to_best": ratio,
-            "worst_class": max(per_class, key=lambda c: -1 if per_class[c] is None else per_class[c]) if values else None}
+            "worst_class": max(scored, key=lambda c: scored[c]) if scored else None}

@@ -58,7 +58,7 @@ class InceptionExtractor(FeatureExtractor):
 
     def __init__(self, weights: Path, device: str, allow_tf32: bool = False) -> None:
         # channels-last: oneDNN and cuDNN pick faster convolutions (1.4x on a 2-core CPU), same fp32 math
-        self.net = InceptionFeatures(weights).to(device, memory_format=torch.channels_last).eval()
+        self.net = InceptionFeatures(weights).to(device).to(memory_format=torch.channels_last).eval()
         self.num_features, self.num_logits = self.net.num_features, self.net.num_logits
         self.allow_tf32 = allow_tf32
         self.identity = {"name": self.net.name, "weights_sha256": self.net.weights_sha256, "resize": INCEPTION_RESIZE,
@@ -82,8 +82,9 @@ class AuditorExtractor(FeatureExtractor):
         self.net, info = load_auditor(path)
         self.net.to(device)
         self.num_classes, self.num_features = self.net.num_classes, self.net.num_features
-        self.shape = (self.net.hparams.channels, self.net.hparams.image_size, self.net.hparams.image_size)
-        self.class_names = self.net.hparams.class_names or [str(c) for c in range(self.num_classes)]
+        hp = self.net.hparams
+        self.shape = (hp["channels"], hp["image_size"], hp["image_size"])
+        self.class_names = hp["class_names"] or [str(c) for c in range(self.num_classes)]
         self.identity = {"sha256": sha256_file(path), "val_accuracy": info.get("val_accuracy"),
                          "trained_on": info.get("manifest_hash"), "num_classes": self.num_classes}
 

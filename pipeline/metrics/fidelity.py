@@ -40,8 +40,8 @@ def kernel_inception_distance(generated: torch.Tensor, reference: torch.Tensor, 
     """KID (Bińkowski et al.): unbiased MMD² with the cubic polynomial kernel, over random subsets.
 
     Kernels in float64: in float32 the cubed dot products of 2048-d features lose ~1e-6 relative."""
-    out = kid_features_to_metric(generated.cpu().double(), reference.cpu().double(), kid_subsets=subsets, kid_subset_size=subset_size,
-                                 rng_seed=seed, verbose=False)
+    out = kid_features_to_metric(generated.cpu().double(), reference.cpu().double(), kid_subsets=subsets,
+                                 kid_subset_size=subset_size, rng_seed=seed, verbose=False)
     return {KEY_KID_MEAN: out[KEY_METRIC_KID_MEAN], KEY_KID_STD: out[KEY_METRIC_KID_STD]}
 
 

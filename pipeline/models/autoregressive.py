@@ -77,7 +77,7 @@ class Autoregressive(GenerativeModule):
         """The k-means colours (palette_size x channels, 0..255): the checkpoint's, else fitted on the shards."""
         if self._palette is None:
             hp = self.hparams
-            self._palette = fit_palette(hp.palette_shards, hp.palette_size, hp.channels)
+            self._palette = fit_palette(hp["palette_shards"], hp["palette_size"], hp["channels"])
         return self._palette
 
     @property
@@ -148,7 +148,7 @@ class Autoregressive(GenerativeModule):
 
     def generate(self, noise: PerSampleNoise, labels: Optional[torch.Tensor]) -> torch.Tensor:
         n = len(noise)
-        caches = [dict() for _ in self.blocks]
+        caches: list[dict] = [{} for _ in self.blocks]
         token = self.start_tokens(n, labels)
         out = torch.empty(n, self.seq_len, dtype=torch.long, device=self.device)
         uniforms = noise.rand(self.seq_len)  # one uniform per sample and position: inverse-CDF sampling

@@ -6,7 +6,7 @@ The benchmark, data and CLI code only ever call what is defined here: ``training
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, TypeVar
 
 import torch
 from pytorch_lightning import LightningModule
@@ -17,6 +17,8 @@ from pytorch_lightning.utilities import GradClipAlgorithmType
 from pipeline.data.imageops import to_uint8
 from pipeline.registry import Registry
 from pipeline.seeds import stable_seed
+
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 
 class EMA(EMAWeightAveraging):
@@ -111,7 +113,7 @@ class GenerativeModule(LightningModule):
 
     def default_labels(self, n: int, first_index: int = 0) -> Optional[torch.Tensor]:
         """Balanced labels for a conditional draw: sample i asks for class i mod K."""
-        if not self.conditional:
+        if self.num_classes is None:
             return None
         return torch.arange(first_index, first_index + n) % self.num_classes
 
@@ -196,7 +198,7 @@ class GenerativeModule(LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._batches_unchecked += 1
-        if self._batches_unchecked >= self.trainer.log_every_n_steps:
+        if self._batches_unchecked >= self.trainer.log_every_n_steps:  # type: ignore[attr-defined]  # set by a connector
             self._batches_unchecked = 0
             self.raise_if_nonfinite()
 
@@ -243,7 +245,7 @@ class GenerativeModule(LightningModule):
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
-    def maybe_compile(self, module: torch.nn.Module) -> torch.nn.Module:
+    def maybe_compile(self, module: ModuleT) -> ModuleT:
         """Compile in place (``Module.compile``): unlike wrapping with ``torch.compile``, the state-dict
         keys stay the same, so compiled and eager runs load each other's checkpoints."""
         if self.compile_network:

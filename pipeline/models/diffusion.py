@@ -44,6 +44,8 @@ class DDPM(GenerativeModule):
     """
 
     family = "ddpm"
+    betas: torch.Tensor  # buffers registered in __init__
+    alphas_cumprod: torch.Tensor
 
     def __init__(self, image_size: int = 32, channels: int = 3, num_classes: Optional[int] = None,
                  timesteps: int = 1000, schedule: Literal["linear", "cosine"] = "linear", ch: int = 128,
@@ -88,7 +90,7 @@ class DDPM(GenerativeModule):
         n = len(x0)
         t = torch.randint(0, self.timesteps, (n,), device=self.device)
         labels = None
-        if self.conditional:
+        if self.num_classes is not None:
             drop = torch.rand(n, device=self.device) < self.p_uncond
             # the "no class" embedding; torch.where, not labels[drop] = ..., which waits for the GPU
             labels = torch.where(drop, self.num_classes, batch["label"])
@@ -109,7 +111,7 @@ class DDPM(GenerativeModule):
     def _eps(self, x: torch.Tensor, t: int, labels: Optional[torch.Tensor]) -> torch.Tensor:
         tt = torch.full((len(x),), t, device=x.device, dtype=torch.long)
         x = x.contiguous(memory_format=self.memory_format)
-        if not self.conditional:
+        if self.num_classes is None or labels is None:
             return self.net(x, tt)
         if self.guidance_scale == 1.0:
             return self.net(x, tt, labels)

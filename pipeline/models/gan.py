@@ -119,7 +119,7 @@ class GAN(GenerativeModule):
         return -fake_logits.mean() if self.arch == "sngan" else F.softplus(-fake_logits).mean()
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        opt_g, opt_d = self.optimizers()
+        opt_g, opt_d = self.optimizers()  # type: ignore[attr-defined]  # a list: configure_optimizers returns two
         real = batch["image"]
         labels = batch["label"] if self.conditional else None
         z = torch.randn(len(real), self.z_dim, device=self.device)

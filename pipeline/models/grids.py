@@ -32,7 +32,7 @@ class SampleGrids(Callback):
         self.every_n_steps = every_n_steps
 
     def _sampling_model(self, trainer: Trainer, pl_module: LightningModule):
-        for cb in trainer.callbacks:
+        for cb in trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning's CallbackConnector
             if isinstance(cb, WeightAveraging) and cb._average_model is not None:
                 return cb._average_model.module
         return pl_module

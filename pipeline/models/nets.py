@@ -160,7 +160,7 @@ class UNet(nn.Module):
         skips, cur, res = [ch], ch, image_size
         for level, mult in enumerate(ch_mult):
             for _ in range(num_res_blocks):
-                blocks = [ResBlock(cur, ch * mult, emb_dim, dropout)]
+                blocks: list[nn.Module] = [ResBlock(cur, ch * mult, emb_dim, dropout)]
                 cur = ch * mult
                 if res in attn_resolutions:
                     blocks.append(SelfAttention2d(cur))
@@ -186,8 +186,8 @@ class UNet(nn.Module):
         self.out = nn.Sequential(group_norm(cur), nn.SiLU(), nn.Conv2d(cur, in_ch, 3, padding=1))
 
     @staticmethod
-    def _run(blocks: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        for block in blocks:
+    def _run(blocks: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for block in blocks.children():
             h = block(h, emb) if isinstance(block, (ResBlock, SelfAttention2d)) else block(h)
         return h
 
@@ -202,7 +202,7 @@ class UNet(nn.Module):
             hs.append(h)
         h = self._run(self.mid, h, emb)
         for blocks in self.up:
-            if isinstance(blocks[0], ResBlock):
+            if isinstance(next(blocks.children()), ResBlock):
                 h = torch.cat([h, hs.pop()], dim=1)
             h = self._run(blocks, h, emb)
         return self.out(h)
