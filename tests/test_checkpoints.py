@@ -3,6 +3,7 @@ exactly the weights it loaded."""
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -67,3 +68,38 @@ def test_an_early_stop_also_ends_with_last_checkpoint_at_its_step(tmp_path, digi
     batches = info["images_seen"] // 16
     assert 0 < batches < 1000 and batches % 40 != 0
     assert _ckpt(run_dir / "checkpoints" / "last.ckpt") == (batches, info["images_seen"])
+
+
+def _state(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_a_run_resumed_without_slurm_continues_exactly_where_it_stopped(tmp_path, digits_shards):
+    """Fit 10 steps, then the same run to 20: the same weights, EMA, optimizer and schedule as 20 steps in one
+    go, the step and image counts continued, and one metrics.csv with every step once. Epochs of 5 batches so
+    that the stop falls on an epoch boundary (data order resumes per epoch), and the AR family without dropout,
+    whose training step draws no random numbers, so the two runs must agree bit for bit."""
+    common = ["--trainer.limit_train_batches=5", "--trainer.log_every_n_steps=1", "--model.init_args.dropout=0.0",
+              "--run.checkpoint_every_n_steps=4"]
+    resumed = _fit(tmp_path, digits_shards, "ar", "--run.id=resumed", "--trainer.max_steps=10", *common)
+    assert _ckpt(resumed / "checkpoints" / "last.ckpt") == (10, 160)
+    resumed = _fit(tmp_path, digits_shards, "ar", "--run.id=resumed", "--trainer.max_steps=20", *common)
+    straight = _fit(tmp_path, digits_shards, "ar", "--run.id=straight", "--trainer.max_steps=20", *common)
+
+    a, b = _state(resumed / "checkpoints" / "last.ckpt"), _state(straight / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 20 and a["genbench"]["images_seen"] == 20 * 16
+    for key in ("state_dict", "current_model_state"):  # the EMA weights, and the live ones beside them
+        assert a[key].keys() == b[key].keys()
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert a["callbacks"]["EMA"] == b["callbacks"]["EMA"]
+    opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert float(opt_a[0]["step"]) == 20
+    assert all(torch.equal(opt_a[i][m], opt_b[i][m]) for i in opt_b for m in ("exp_avg", "exp_avg_sq"))
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+
+    info = json.loads((resumed / "run.json").read_text())
+    assert info["attempts"] == 2 and info["global_step"] == 20 and info["images_seen"] == 20 * 16
+    assert [r["global_step"] for r in info["resumes"]] == [10]
+    with open(resumed / "logs" / "metrics.csv") as f:
+        steps = [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
+    assert steps == list(range(20))  # the first attempt's rows kept, none twice

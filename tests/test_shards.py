@@ -127,6 +127,28 @@ def test_hand_written_tarfile_shard_is_read(tmp_path):
         assert read[key][1] == i % 3
 
 
+def test_shards_without_a_manifest_are_identified_by_their_bytes(tmp_path):
+    """An image edited inside a foreign tar, size unchanged, must change the data's identity: the reference
+    caches (statistics, auditor) are keyed by it, and a stale one would score against the old images."""
+    from pipeline.benchmark.images import ShardImages
+
+    rng = np.random.default_rng(0)
+    with tarfile.open(tmp_path / "train-000000.tar", "w") as tar:
+        for i in range(6):
+            _add(tar, f"{i:06d}.png", _png(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)))
+    path = tmp_path / "train-000000.tar"
+    shard = load_manifest(tmp_path)["splits"]["train"]["shards"][0]
+    assert shard["sha256"] == sha256_file(path)
+    before = ShardImages(tmp_path).content_hash
+    with tarfile.open(path) as tar:
+        offset = tar.getmember("000003.png").offset_data
+    data = bytearray(path.read_bytes())
+    data[offset + 40] ^= 0xFF  # one byte inside one member's PNG data; every header and size unchanged
+    path.write_bytes(bytes(data))
+    assert load_manifest(tmp_path)["splits"]["train"]["num_samples"] == 6
+    assert ShardImages(tmp_path).content_hash != before
+
+
 def test_folder_source_with_class_subfolders_and_flat(tmp_path):
     rng = np.random.default_rng(1)
     for cls in ("cat", "dog"):

@@ -1,4 +1,5 @@
-"""Sources of images to score: a trained run's samples, shards, an image folder, uniform noise.
+"""Sources of images to score (``ImageSource``): a trained run's samples, shards, an image folder, uniform noise;
+and what a reference is on top (``Reference``): shards or a folder.
 
 Every source yields uint8 N x C x H x W batches with the global index of each image, and splits its
 batches over DDP ranks (batch b goes to rank b mod world size). The index makes the gathered result
@@ -13,7 +14,7 @@ import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -33,6 +34,46 @@ class Batch:
     index: torch.Tensor  # global position of each image in the source
     images: torch.Tensor  # uint8 N x C x H x W
     labels: Optional[torch.Tensor] = None  # requested class (generated images) or true class (references)
+
+
+@runtime_checkable
+class ImageSource(Protocol):
+    """What the benchmark scores. A new kind of generator (an API, a folder of another tool's output) is one
+    class with these members; the scorer calls nothing else.
+
+    Attributes:
+        num_images: how many images the source yields over all ranks.
+        shape: (C, H, W) of every image.
+    """
+
+    @property
+    def num_images(self) -> int: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def describe(self) -> dict[str, Any]:
+        """What the record's protocol says about the images: kind, path or seed, count."""
+        ...
+
+    def batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+        """This rank's share, as uint8 batches of at most ``batch_size`` images with their global index."""
+        ...
+
+
+@runtime_checkable
+class Reference(ImageSource, Protocol):
+    """An image source generated images are compared with: it also has a content hash (the key of every
+    cache built from it) and, when labelled, a class histogram and class names."""
+
+    @property
+    def content_hash(self) -> str: ...
+
+    @property
+    def label_histogram(self) -> Optional[list[int]]: ...
+
+    @property
+    def class_names(self) -> Optional[list[str]]: ...
 
 
 def batch_ranges(num_images: int, batch_size: int, rank: int, world_size: int) -> Iterator[tuple[int, int]]:
@@ -229,7 +270,7 @@ class UniformNoise:
 
 
 def open_images(path: str | Path, channels: Optional[int] = None, labels: Optional[str] = None,
-                class_names: Optional[Sequence[str]] = None, split: str = "train"):
+                class_names: Optional[Sequence[str]] = None, split: str = "train") -> Reference:
     """A shard directory (from genbench prepare or other WebDataset tools) or a folder of image files."""
     if not Path(path).exists():
         raise ImageSourceError(f"{path} does not exist; pass a folder of images or a shard directory")

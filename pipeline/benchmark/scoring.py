@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.benchmark.distributed import Placement, barrier, broadcast
+from pipeline.benchmark.images import ImageSource, Reference, ShardImages
 from pipeline.io import atomic_write_bytes, cache_dir
 from pipeline.metrics import (
     AUDIT,
@@ -38,7 +39,7 @@ from pipeline.metrics import (
 from pipeline.metrics.accumulators import FeatureBank, FeatureStatistics
 from pipeline.metrics.auditor import auditor_path, train_auditor
 from pipeline.metrics.bias import audit, histogram, per_class_fd
-from pipeline.metrics.extractors import EXTRACTORS, FeatureExtractor
+from pipeline.metrics.extractors import EXTRACTORS, AuditorExtractor, FeatureExtractor
 from pipeline.metrics.features import WeightsUnavailable, resolve_inception_weights
 from pipeline.metrics.fidelity import (
     RNG_SEED,
@@ -150,8 +151,8 @@ def _pass(source, extract, sink, opts: ScoreOptions, placement: Placement, devic
     bar.close()
 
 
-def _reference_features(reference, extractor: FeatureExtractor, key: str, opts: ScoreOptions, placement: Placement,
-                        device: str, with_classes: bool) -> dict:
+def _reference_features(reference: Reference, extractor: FeatureExtractor, key: str, opts: ScoreOptions,
+                        placement: Placement, device: str, with_classes: bool) -> dict:
     """The reference's finalized FeatureSet for one extractor, from the cache or from one pass split over
     the ranks. Only rank 0 computes metrics, so only rank 0 reads the cache; the decision to recompute
     is its too (broadcast), so that every rank joins the same collective pass. ``with_classes``: keep
@@ -187,7 +188,8 @@ class Scorer:
     generated set, so ``--repeats`` and the reference rows do not redo that work. Every rank builds
     it and calls ``score`` (both are collective)."""
 
-    def __init__(self, reference, opts: ScoreOptions, placement: Placement, image_shape: tuple[int, ...]) -> None:
+    def __init__(self, reference: Reference, opts: ScoreOptions, placement: Placement,
+                 image_shape: tuple[int, ...]) -> None:
         self.reference, self.opts, self.placement = reference, opts, placement
         self.device = opts.device or placement.device
         self.wanted = set(opts.metrics)
@@ -214,7 +216,7 @@ class Scorer:
                 reference, extractor, key, opts, placement, self.device,
                 with_classes=bool(extractor.num_classes) and self.labelled_reference)
 
-    def score(self, generated, preview: Optional[list] = None) -> tuple[dict, dict, dict]:
+    def score(self, generated: ImageSource, preview: Optional[list] = None) -> tuple[dict, dict, dict]:
         """(metrics, skipped, protocol) of one image source on rank 0 (other ranks get empty metrics).
         ``preview`` collects the first 64 generated images this rank sees, for the sample grid."""
         opts, placement, wanted = self.opts, self.placement, self.wanted
@@ -307,11 +309,11 @@ def _inception_metrics(g: dict, r: dict, wanted: set, opts: ScoreOptions, settin
     return out
 
 
-def _auditor(image_shape: tuple[int, ...], reference, opts: ScoreOptions, placement: Placement, device: str):
+def _auditor(image_shape: tuple[int, ...], reference: Reference, opts: ScoreOptions, placement: Placement, device: str):
     """(AuditorExtractor, None), or (None, the reason the auditor metrics are skipped)."""
     if opts.auditor:
         path = Path(opts.auditor)
-    elif reference.label_histogram is None:
+    elif reference.label_histogram is None or not isinstance(reference, ShardImages):  # labels come from shards
         return None, (f"the reference {reference.describe()['path']} has no labels to train an auditor on; pass "
                       "--auditor CKPT (genbench train-auditor) or score against a labelled shard directory")
     else:
@@ -323,6 +325,7 @@ def _auditor(image_shape: tuple[int, ...], reference, opts: ScoreOptions, placem
                 train_auditor(reference.shards, epochs=opts.auditor_epochs, progress=opts.progress)
             barrier(placement)
     auditor = EXTRACTORS["auditor"](path, device)
+    assert isinstance(auditor, AuditorExtractor)
     for what, shape in (("generated images", image_shape), ("reference", reference.shape)):
         if tuple(shape) != auditor.shape:
             return None, (f"the auditor classifies {auditor.shape} (C, H, W) images but the {what} are "

@@ -131,7 +131,7 @@ class ShardDataModule(LightningDataModule):
     def train_dataloader(self) -> EpochDataLoader:
         rank, world = self._placement()
         trainer = getattr(self, "trainer", None)
-        epoch_fn = (lambda: trainer.current_epoch) if trainer is not None else None
+        epoch_fn = (lambda: epoch_to_load(trainer)) if trainer is not None else None
         return self._loader(self.stream("train", True, self.batch_size, rank, world), epoch_fn)
 
     def val_dataloader(self) -> EpochDataLoader | list:
@@ -144,6 +144,20 @@ class ShardDataModule(LightningDataModule):
         # uint8 [0, 255] -> float [-1, 1], on the device (cheap there, and 4x less data moved)
         batch["image"] = batch["image"].float().div_(127.5).sub_(1.0)
         return batch
+
+
+def epoch_to_load(trainer: Any) -> int:
+    """The epoch whose order a train iterator created now must draw.
+
+    A run resumed from a checkpoint written after an epoch's last batch has that epoch restored as current:
+    Lightning closes it without drawing, then runs the next epoch on the iterator it creates at the start
+    (it makes no new one for the first epoch of a resumed run). That iterator must hold the next epoch's
+    order, or the resumed run replays the finished epoch's.
+    """
+    loop = trainer.fit_loop
+    if loop.restarting and loop.epoch_loop.batch_progress.is_last_batch:
+        return trainer.current_epoch + 1
+    return trainer.current_epoch
 
 
 def reference_batches(shards: str, split: str = "train", batch_size: int = 256, rank: int = 0,

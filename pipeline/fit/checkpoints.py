@@ -9,6 +9,7 @@ run.json said otherwise, and the benchmark scored stale weights under the final 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -16,23 +17,50 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 LAST = "last.ckpt"
 
 
+def is_final_batch(trainer: Trainer, batch_idx: int) -> bool:
+    """Whether training stops after this batch by its schedule: max_steps, or the last batch of max_epochs."""
+    if 0 < trainer.max_steps <= trainer.global_step:
+        return True
+    last_epoch = trainer.max_epochs is not None and trainer.max_epochs > 0 and \
+        trainer.current_epoch + 1 >= trainer.max_epochs
+    return last_epoch and batch_idx + 1 >= trainer.num_training_batches
+
+
 class RunCheckpoint(ModelCheckpoint):
     """``step-NNNNNNN.ckpt`` every ``every_n_steps`` optimizer steps and ``last.ckpt`` beside it, always
-    under that name (no ``last-v1.ckpt``): a rerun or a requeued job resumes from it. When training ends
-    (max_steps, an early stop) at a step that has no checkpoint yet, both are written there."""
+    under that name (no ``last-v1.ckpt``): a rerun or a requeued job resumes from it. The step training ends
+    at is always checkpointed too.
+
+    The final checkpoint is written at the end of the final batch, like every periodic one, so a run
+    continued from it (a longer schedule) restores the same loop state a periodic checkpoint would. A stop
+    between batches (an early stop at validation) is caught when training ends.
+    """
 
     def __init__(self, directory: Path, every_n_steps: int) -> None:
         super().__init__(dirpath=str(directory), filename="step-{step:07d}", save_last=True, save_top_k=1,
                          every_n_train_steps=every_n_steps, auto_insert_metric_name=False,
                          enable_version_counter=False)
 
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's key, so runs checkpointed before this subclass existed resume with their state
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if is_final_batch(trainer, batch_idx):
+            self._save_final(trainer)
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # A preempted run has just saved last.ckpt at its step boundary (pipeline.fit.preemption); writing it again
         # here, after the loop ended, would record an end-of-training loop state the requeued job must not see.
-        if any(getattr(cb, "preempted", False) for cb in trainer.checkpoint_callbacks):
-            return
+        if not any(getattr(cb, "preempted", False) for cb in trainer.checkpoint_callbacks):
+            self._save_final(trainer)
+        super().on_train_end(trainer, pl_module)
+
+    def _save_final(self, trainer: Trainer) -> None:
         if self._last_global_step_saved != trainer.global_step and not trainer.sanity_checking:
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
-        super().on_train_end(trainer, pl_module)

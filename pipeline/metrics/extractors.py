@@ -46,10 +46,10 @@ class FeatureExtractor:
         raise NotImplementedError
 
 
-EXTRACTORS: Registry[FeatureExtractor] = Registry("feature extractor", FeatureExtractor)
+EXTRACTORS: Registry[FeatureExtractor] = Registry("feature extractor", FeatureExtractor, name_attr="name")
 
 
-@EXTRACTORS.register("inception")
+@EXTRACTORS.register()
 class InceptionExtractor(FeatureExtractor):
     """torch-fidelity's InceptionV3: pool3 features (FID, KID, precision/recall) and logits (IS)."""
 
@@ -72,7 +72,7 @@ class InceptionExtractor(FeatureExtractor):
         return pool.float(), logits.float()
 
 
-@EXTRACTORS.register("auditor")
+@EXTRACTORS.register()
 class AuditorExtractor(FeatureExtractor):
     """The auditor classifier trained on the reference's labels: penultimate features and the predicted class."""
 

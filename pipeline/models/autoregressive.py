@@ -20,7 +20,7 @@ from pipeline.models.nets import TransformerBlock
 LEVELS = 256
 
 
-@FAMILIES.register("ar")
+@FAMILIES.register()
 class Autoregressive(GenerativeModule):
     """Pixel-level decoder-only transformer.
 
@@ -31,6 +31,7 @@ class Autoregressive(GenerativeModule):
         dropout: dropout in attention and MLP.
         temperature: sampling temperature (1 samples the model's distribution).
         top_k: sample among the k most likely tokens (0 = all).
+        lr: AdamW learning rate.
         warmup_steps: linear learning-rate warm-up.
         tokenizer: ``intensity`` (256 levels per channel) or ``palette`` (k-means colours, one token per pixel).
         palette_size: colours in the palette.
@@ -47,8 +48,10 @@ class Autoregressive(GenerativeModule):
                  palette_shards: Optional[str] = None, ema_decay: Optional[float] = 0.999,
                  sample_every_n_steps: int = 500, compile: bool = False,
                  sample_batch_size: int = 256) -> None:
-        super().__init__(image_size, channels, num_classes, lr, ema_decay, sample_every_n_steps, compile,
-                         sample_batch_size)
+        super().__init__(image_size=image_size, channels=channels, num_classes=num_classes, ema_decay=ema_decay,
+                         sample_every_n_steps=sample_every_n_steps, compile=compile,
+                         sample_batch_size=sample_batch_size)
+        self.lr = lr
         self.save_hyperparameters()
         self.temperature, self.top_k, self.warmup_steps = temperature, top_k, warmup_steps
         self.tokenizer = tokenizer

@@ -62,7 +62,6 @@ class GenerativeModule(LightningModule):
         image_size: height = width of the images in pixels; must match the shards.
         channels: image channels (1 grayscale, 3 RGB); must match the shards.
         num_classes: None for an unconditional model, else the number of classes it is conditioned on.
-        lr: learning rate of the optimizer.
         ema_decay: decay of the exponential moving average of the weights used for sampling and
             stored in checkpoints; None disables the average.
         sample_every_n_steps: save (and log) a sample grid every this many optimizer steps; 0 only at the end.
@@ -71,10 +70,12 @@ class GenerativeModule(LightningModule):
             how many are drawn together); a memory/speed setting.
     """
 
-    family = "base"
+    family = "base"  # each family's registry name, written once: FAMILIES registers it under this
+    lr_keys: tuple[str, ...] = ("lr",)  # its learning-rate arguments, named when a run diverges
 
-    def __init__(self, image_size: int = 32, channels: int = 3, num_classes: Optional[int] = None,
-                 lr: float = 2e-4, ema_decay: Optional[float] = 0.999, sample_every_n_steps: int = 500,
+    # Keyword-only: a family passes its arguments by name, so none can land in another's place.
+    def __init__(self, *, image_size: int = 32, channels: int = 3, num_classes: Optional[int] = None,
+                 ema_decay: Optional[float] = 0.999, sample_every_n_steps: int = 500,
                  compile: bool = False, sample_batch_size: int = 256) -> None:
         super().__init__()
         if image_size < 4:
@@ -84,7 +85,6 @@ class GenerativeModule(LightningModule):
         if num_classes is not None and num_classes < 2:
             raise ValueError(f"model.num_classes={num_classes}: use None for unconditional, or at least 2 classes")
         self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
-        self.lr = lr
         self.ema_decay = ema_decay
         self.sample_every_n_steps = sample_every_n_steps
         self.compile_network = compile
@@ -180,8 +180,8 @@ class GenerativeModule(LightningModule):
         step, loss = self._nonfinite.tolist()
         if step >= 0:
             raise FloatingPointError(
-                f"non-finite {self.family} loss ({loss}) at global step {int(step)}; lower model.init_args.lr "
-                f"or set trainer.gradient_clip_val")
+                f"non-finite {self.family} loss ({loss}) at global step {int(step)}; lower "
+                f"{' / '.join('model.init_args.' + k for k in self.lr_keys)} or set trainer.gradient_clip_val")
 
     def on_train_start(self) -> None:
         self._nonfinite, self._batches_unchecked = None, 0
@@ -259,4 +259,4 @@ def linear_warmup(optimizer: torch.optim.Optimizer, steps: int) -> dict[str, Any
     return {"scheduler": schedule, "interval": "step"}
 
 
-FAMILIES: Registry[GenerativeModule] = Registry("model family", GenerativeModule)
+FAMILIES: Registry[GenerativeModule] = Registry("model family", GenerativeModule, name_attr="family")

@@ -26,7 +26,7 @@ def beta_schedule(kind: str, steps: int) -> torch.Tensor:
     raise ValueError(f"model.init_args.schedule={kind!r}: use linear or cosine")
 
 
-@FAMILIES.register("ddpm")
+@FAMILIES.register()
 class DDPM(GenerativeModule):
     """Denoising diffusion probabilistic model.
 
@@ -39,6 +39,8 @@ class DDPM(GenerativeModule):
         sampling_steps: DDIM steps.
         p_uncond: probability of dropping the label in training (classifier-free guidance).
         guidance_scale: 1 samples the conditional model; s > 1 extrapolates away from the unconditional one.
+        lr: Adam learning rate.
+        warmup_steps: linear learning-rate warm-up.
         channels_last: keep the UNet's weights and activations in NHWC, the layout tensor-core convolutions
             run in (faster in bf16 on a GPU; the same numbers up to rounding).
     """
@@ -55,8 +57,10 @@ class DDPM(GenerativeModule):
                  guidance_scale: float = 1.0, lr: float = 2e-4, warmup_steps: int = 5000,
                  ema_decay: Optional[float] = 0.9999, sample_every_n_steps: int = 500, compile: bool = False,
                  sample_batch_size: int = 256, channels_last: bool = False) -> None:
-        super().__init__(image_size, channels, num_classes, lr, ema_decay, sample_every_n_steps, compile,
-                         sample_batch_size)
+        super().__init__(image_size=image_size, channels=channels, num_classes=num_classes, ema_decay=ema_decay,
+                         sample_every_n_steps=sample_every_n_steps, compile=compile,
+                         sample_batch_size=sample_batch_size)
+        self.lr = lr
         self.save_hyperparameters()
         if not 1 <= sampling_steps <= timesteps:
             raise ValueError(f"model.init_args.sampling_steps={sampling_steps} must be in [1, timesteps={timesteps}]")

@@ -80,7 +80,7 @@ class Discriminator(nn.Module):
         return out
 
 
-@FAMILIES.register("gan")
+@FAMILIES.register()
 class GAN(GenerativeModule):
     """GAN with manual optimisation.
 
@@ -95,6 +95,7 @@ class GAN(GenerativeModule):
     """
 
     family = "gan"
+    lr_keys = ("lr_g", "lr_d")
 
     def __init__(self, image_size: int = 32, channels: int = 3, num_classes: Optional[int] = None,
                  arch: Literal["sngan", "dcgan"] = "sngan", z_dim: int = 128, g_channels: int = 64,
@@ -102,8 +103,9 @@ class GAN(GenerativeModule):
                  n_critic: int = 1, r1_gamma: float = 0.0, ema_decay: Optional[float] = 0.999,
                  sample_every_n_steps: int = 500, compile: bool = False,
                  sample_batch_size: int = 256) -> None:
-        super().__init__(image_size, channels, num_classes, lr_g, ema_decay, sample_every_n_steps, compile,
-                         sample_batch_size)
+        super().__init__(image_size=image_size, channels=channels, num_classes=num_classes, ema_decay=ema_decay,
+                         sample_every_n_steps=sample_every_n_steps, compile=compile,
+                         sample_batch_size=sample_batch_size)
         self.save_hyperparameters()
         self.automatic_optimization = False  # two optimizers, stepped in turn
         self.arch, self.z_dim, self.n_critic, self.r1_gamma = arch, z_dim, n_critic, r1_gamma
