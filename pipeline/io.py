@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Files: atomic writes (a reader sees the old file or the new one, never half of one), immutable records,
+file hashes and genbench's cache directory. The bottom of the house: it imports nothing of genbench."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import REPO, genbench
@@ -40,6 +41,45 @@ def _save_folder(folder: Path, images: np.ndarray) -> Path:
 
 def _records(results: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+
+
+def test_every_image_source_keeps_the_interface_the_scorer_uses(tmp_path, digits_shards):
+    """What the scorer calls on a source, for each kind: the protocol's members, batches that cover the source
+    exactly once in the given shape with their indices, split over ranks the same way."""
+    from pipeline.benchmark.images import FolderImages, ImageSource, ModelSamples, Reference, UniformNoise
+    from pipeline.models import FAMILIES
+
+    model = FAMILIES["vae"](image_size=8, channels=1, latent_dim=4, base_channels=8, sample_batch_size=8).eval()
+    folder = FolderImages(_save_folder(tmp_path / "f", _blob_images(10, 0, 200, size=8)[..., 0]))
+    sources = {"shards": ShardImages(digits_shards, "val"), "folder": folder, "model": ModelSamples(model, 10, 0),
+               "noise": UniformNoise(10, (1, 8, 8))}
+    for name, source in sources.items():
+        assert isinstance(source, ImageSource), name
+        assert isinstance(source, Reference) == (name in ("shards", "folder")), name
+        for world in (1, 2):
+            batches = [b for rank in range(world) for b in source.batches(4, rank, world)]
+            index = torch.cat([b.index for b in batches])
+            assert len(index) == len(set(index.tolist())) == source.num_images, (name, world)
+            assert all(b.images.dtype == torch.uint8 and tuple(b.images.shape[1:]) == source.shape for b in batches)
+        assert source.describe()["num_images"] == source.num_images
+
+
+@pytest.mark.slow
+def test_inception_metrics_do_not_depend_on_the_batch_size(tmp_path, inception_weights):
+    """FID from batches of 4 and of 16 (torch-fidelity's own test of this): the same to 1e-6 relative. KID and
+    precision/recall use the same feature vectors; IS its splits of the logits."""
+    gen = _save_folder(tmp_path / "gen", _blob_images(32, 3, 255))
+    ref = _save_folder(tmp_path / "ref", _blob_images(32, 4, 160))
+    records = {}
+    for batch_size in (4, 16):
+        opts = ScoreOptions(batch_size=batch_size, inception_weights=str(inception_weights), progress=False,
+                            device="cpu", kid_subset_size=16, kid_subsets=10, metrics=("fid", "kid", "pr", "is"))
+        path = benchmark_images(str(gen), str(ref), results=str(tmp_path / f"results-{batch_size}"), opts=opts)
+        records[batch_size] = json.loads(path.read_text())["metrics"]
+    small, large = records[4], records[16]
+    assert small["fid"] > 1 and small["fid"] == pytest.approx(large["fid"], rel=1e-6)
+    for key in ("kid_mean", "is_mean", "precision", "recall"):
+        assert small[key] == pytest.approx(large[key], rel=1e-6, abs=1e-9), key
 
 
 @pytest.mark.slow

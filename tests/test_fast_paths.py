@@ -82,6 +82,8 @@ def test_every_family_compiles_to_its_eager_loss_and_gradients(family):
     assert len(grads[0]) == len(grads[1]) > 0
     # relative to the gradient's norm: a VAE's summed per-pixel NLL has gradients from 1e-2 to 1e2
     assert (grads[1] - grads[0]).norm() <= 1e-4 * grads[0].norm()
+    # Module.compile keeps the state-dict keys (load_state_dict above), so checkpoints load across the two
+    assert torch.equal(compiled.eval().sample(4, seed=0), eager.eval().sample(4, seed=0))
 
 
 def test_channels_last_unet_gives_the_contiguous_loss_gradients_and_samples():

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pipeline.benchmark.distributed import free_port
 from pipeline.metrics.accumulators import FeatureBank, FeatureStatistics
 from pipeline.metrics.bias import audit, fairness_discrepancy, histogram, per_class_fd
 from pipeline.metrics.features import WeightsUnavailable, inception_cache_path, resolve_inception_weights
@@ -85,7 +86,7 @@ def _ddp_worker(rank, world, port, x, out):
 def test_two_gloo_processes_give_the_single_process_statistics(tmp_path):
     x = _features(301, 8, shift=1.0)
     out = tmp_path / "stats.npy"
-    port = 29500 + os.getpid() % 1000
+    port = free_port()
     mp.start_processes(_ddp_worker, args=(2, port, x, str(out)), nprocs=2, start_method="spawn")
     merged = np.load(out)
     single = _stats(x, 301).compute()

@@ -1,4 +1,5 @@
-"""Feature extractors for the metrics, and the offline resolution of their weights.
+"""torch-fidelity's InceptionV3 as a network, and the offline resolution of its weights (the scorer's
+interface to it is ``InceptionExtractor`` in ``extractors.py``).
 
 InceptionV3 is torch-fidelity's ``inception-v3-compat`` (the TF-compatible port, so FID matches
 published numbers). Its weights are resolved from an explicit path, then the torch hub cache, then a
