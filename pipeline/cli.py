@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from typing import Optional
+
+from pipeline.console import configure
 
 COMMANDS = {
     "prepare": "write WebDataset shards + manifest.json from a source (digits, folder:PATH, torchvision:NAME)",
@@ -20,10 +23,17 @@ COMMANDS = {
 }
 
 
+# The weights' file name, as the skip message names it; a constant of torch-fidelity's, read without importing
+# torch (which `genbench --help` should not wait for).
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="genbench", description="Train and fairly compare image generators.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Quickstart: genbench run experiments/quickstart.yaml")
+                                epilog="Quickstart: genbench run experiments/quickstart.yaml\n"
+                                       "Every command is quiet by default; --verbose (anywhere on the line, or "
+                                       "GENBENCH_VERBOSE=1) shows Lightning's and W&B's own output too.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, text in COMMANDS.items():
         if name == "fit":
@@ -66,7 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=1,
                        help="draw this many sample sets (seeds seed..seed+R-1); the record holds mean and std")
     bench.add_argument("--metrics", help="comma-separated subset of fid,is,kid,pr,fd_auditor,audit (default all)")
-    bench.add_argument("--inception-weights", help="path of torch-fidelity's InceptionV3 weights (pt_inception-*.pth)")
+    bench.add_argument("--inception-weights", metavar="PATH",
+                       help=f"torch-fidelity's InceptionV3 weights, the file {INCEPTION_FILE} (default: the torch "
+                            "hub cache, where `genbench fetch-weights` puts it)")
     bench.add_argument("--auditor", help="auditor checkpoint (default: trained on the reference's labels and cached)")
     bench.add_argument("--batch-size", type=int, default=250, help="images per batch (default 250)")
     bench.add_argument("--allow-tf32", action="store_true",
@@ -90,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--runs", help="directory of run directories (default: the suite's, else runs/)")
     run.add_argument("--results", help="directory of result records (default: the suite's, else results/)")
     run.add_argument("--leaderboard", help="leaderboard output directory (default: the suite's, else leaderboard/)")
+    run.add_argument("--force", action="store_true",
+                     help="benchmark every run again, even one that already has a record of the same checkpoint, "
+                          "sample count, seed and extractors")
 
     sw = sub.add_parser("submit", help=COMMANDS["submit"], description=COMMANDS["submit"] +
                         ". Every run is resolved and checked before the first sbatch.")
@@ -111,17 +126,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    configure(verbose_flag="--verbose" in argv)
+    argv = [a for a in argv if a != "--verbose"]
     if argv[:1] == ["fit"]:
-        from pipeline.fit.train import ConfigError, DryRun, fit
-
-        try:
-            print(f"run directory: {fit(argv[1:])}")
-        except DryRun as d:
-            print(d.config_yaml)
-            print(f"# run directory: {d.run_dir}")
-        except (ConfigError, argparse.ArgumentError) as e:  # jsonargparse's errors name the bad key
-            return _fail(e)
-        return 0
+        return cmd_fit(argv[1:])
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
@@ -133,6 +141,39 @@ def main(argv: Optional[list[str]] = None) -> int:
         return COMMAND_FUNCS[args.command](args, extra)
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, argparse.ArgumentError) as e:
         return _fail(e)
+
+
+def cmd_fit(args: list[str]) -> int:
+    from pipeline.fit.train import ConfigError, DryRun, fit
+
+    try:
+        print(f"run directory: {fit(args)}")
+    except DryRun as d:
+        print(d.config_yaml)
+        print(f"# run directory: {d.run_dir}")
+    except (ConfigError, argparse.ArgumentError) as e:  # jsonargparse's errors name the bad key
+        return _fail(e)
+    except BaseException as e:  # Ctrl-C (Lightning turns it into SystemExit(1)), a crash, a kill
+        print(f"genbench fit: {'interrupted' if isinstance(e, (KeyboardInterrupt, SystemExit)) else 'failed'}; "
+              f"{_resume_hint(args)}", file=sys.stderr)
+        raise
+    return 0
+
+
+def _resume_hint(args: list[str]) -> str:
+    """The one command that continues the run, and from where."""
+    import shlex
+
+    from pipeline.fit.train import last_checkpoint, resolve
+
+    command = shlex.join(["genbench", "fit", *args])
+    try:
+        run_dir = resolve(args).run_dir
+    except BaseException:  # the config itself is what failed: nothing to resume
+        return f"fix the error above, then run {command}"
+    ckpt = last_checkpoint(run_dir)
+    where = f"resumes from {ckpt}" if ckpt else "starts the run again (it has no checkpoint yet)"
+    return f"`{command}` {where}"
 
 
 def _fail(e: BaseException) -> int:
@@ -202,8 +243,11 @@ def cmd_benchmark(args, extra) -> int:
                                                 results=args.results or "results", opts=opts, placement=placement)]
     finally:
         shutdown(placement)
+    from pipeline.leaderboard import record_summary
+
     for path in written:
         if path is not None:
+            print(record_summary(json.loads(path.read_text())))
             print(f"wrote {path}")
     return 0
 
@@ -215,15 +259,15 @@ def cmd_leaderboard(args, extra) -> int:
     if path is None:
         print(f"genbench: error: no result records in {args.results}; run genbench benchmark first", file=sys.stderr)
         return 1
-    print(f"leaderboard: {path}")
+    print(leaderboard.ranked_summary(args.results, args.out))
     return 0
 
 
 def cmd_run(args, extra) -> int:
     from pipeline.launch.runner import run
 
-    board = run(args.experiments, extra, runs=args.runs, results=args.results, leaderboard_dir=args.leaderboard)
-    print(f"leaderboard: {board}")
+    run(args.experiments, extra, runs=args.runs, results=args.results, leaderboard_dir=args.leaderboard,
+        force=args.force)
     return 0
 
 

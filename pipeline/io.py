@@ -10,11 +10,32 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask can only be read by setting it, which would
+    briefly give other threads' files the wrong mode)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def shared_mode(path: str | os.PathLike) -> None:
+    """Give a file the mode a plain ``open`` would (0666 less the umask). Temporary files are created 0600,
+    which would hide results, configs and checkpoints from colleagues in a shared project directory."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to a temporary file beside ``path``, fsync it and rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    shared_mode(tmp)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -44,6 +65,7 @@ def write_new_json(path: str | os.PathLike, obj: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    shared_mode(tmp)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write((json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -31,6 +32,12 @@ def _fit(tmp_path, digits_shards, family, *overrides):
                 *overrides])
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _ckpt(path):
     state = torch.load(path, map_location="cpu", weights_only=False)
     return state["global_step"], state["genbench"]["images_seen"]
@@ -52,6 +59,11 @@ def test_last_checkpoint_is_at_the_final_step_and_the_benchmark_records_its_prog
     record = json.loads(benchmark_run(run_dir, num_samples=20, metrics="fd_auditor", opts=opts,
                                       results=str(tmp_path / "results")).read_text())
     assert record["cost"]["global_step"] == steps and record["cost"]["images_seen"] == 7 * 16
+    # every file of the run and the record has the mode the umask gives (pytest runs under 022 here)
+    mode = 0o666 & ~_current_umask()
+    written = [run_dir / "config.yaml", run_dir / "run.json", run_dir / "checkpoints" / "last.ckpt",
+               tmp_path / "results" / record["sample_grid"], *(tmp_path / "results").glob("*.json")]
+    assert {p: p.stat().st_mode & 0o777 for p in written} == {p: mode for p in written}
 
     # A run.json that claims more training than the checkpoint holds (what the old bug left behind) is refused
     info["global_step"] = steps + 3

@@ -42,3 +42,44 @@ def test_prepare_and_verify_from_the_command_line(tmp_path):
     assert proc.returncode == 1 and "val-000000.tar" in proc.stdout
     proc = genbench("prepare", "digits", "--out", str(tmp_path / "d"))
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
+
+
+def test_inception_weights_help_and_skip_message_name_the_same_file(tmp_path, monkeypatch):
+    """The help is built without importing torch, so it carries the file name as a constant: it must be the
+    one torch-fidelity downloads, which the skip message (and genbench fetch-weights) use."""
+    from pipeline import cli
+    from pipeline.metrics.features import INCEPTION_FILE, WeightsUnavailable, resolve_inception_weights
+
+    assert cli.INCEPTION_FILE == INCEPTION_FILE
+    help_text = " ".join(genbench("benchmark", "--help").stdout.split())
+    assert INCEPTION_FILE in help_text and "genbench fetch-weights" in help_text
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty torch hub cache, whatever this machine holds
+    with pytest.raises(WeightsUnavailable, match=INCEPTION_FILE):
+        resolve_inception_weights(None, download=False)
+
+
+def test_ctrl_c_during_fit_prints_the_one_command_that_resumes(tmp_path, digits_shards):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    args = ["fit", "--config", str(REPO / "experiments" / "digits" / "vae.yaml"), f"--run.root={tmp_path}",
+            f"--data.init_args.shards={digits_shards}", "--data.init_args.num_workers=0",
+            "--trainer.max_steps=100000", "--run.checkpoint_every_n_steps=10", "--tracking.wandb=false"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("*/checkpoints/last.ckpt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert list(tmp_path.glob("*/checkpoints/last.ckpt")), "no checkpoint within 2 minutes"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    hint = [line for line in err.splitlines() if line.startswith("genbench fit: interrupted;")]
+    assert len(hint) == 1, err[-3000:]
+    (run_dir,) = [p.parent.parent for p in tmp_path.glob("*/checkpoints/last.ckpt")]
+    assert f"resumes from {run_dir / 'checkpoints' / 'last.ckpt'}" in hint[0]
+    assert "`genbench fit --config " in hint[0] and "--trainer.max_steps=100000" in hint[0]

@@ -1,7 +1,7 @@
 """The house rule, checked on the source: imports point one way, from the command line down to data and io,
 and no module imports itself back through a circle.
 
-    cli -> launch -> benchmark | leaderboard -> fit -> models | metrics -> data -> io, registry, seeds
+    cli -> launch -> benchmark | leaderboard -> fit -> models | metrics -> data -> io, registry, seeds, console
 
 A package may import its own modules and any package of a lower layer; packages on the same layer do not
 import each other (the benchmark writes records the leaderboard reads; metrics see features, not models).
@@ -21,7 +21,7 @@ LAYERS = {
     "pipeline.fit": 3,
     "pipeline.models": 2, "pipeline.metrics": 2,
     "pipeline.data": 1,
-    "pipeline.io": 0, "pipeline.registry": 0, "pipeline.seeds": 0, "pipeline": 0,
+    "pipeline.io": 0, "pipeline.registry": 0, "pipeline.seeds": 0, "pipeline.console": 0, "pipeline": 0,
 }
 
 

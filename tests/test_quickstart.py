@@ -17,6 +17,12 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     board = tmp_path / "leaderboard" / "quickstart" / "leaderboard.md"
     assert f"leaderboard: {board.relative_to(tmp_path)}" in proc.stdout
+    # A quiet console: a ranked table naming the best model, progress as lines (no carriage returns in a log),
+    # none of Lightning's or W&B's chatter, a few kilobytes for the whole run
+    console = proc.stdout + proc.stderr
+    assert "best: digits-" in proc.stdout and "\r" not in console and len(console) < 30_000, len(console)
+    for noise in ("litlogger", "LeafSpec", "srun", "Seed set", "anonymous setting", "saved_models", "FLOPs"):
+        assert noise not in console, noise
     assert (tmp_path / "shards" / "digits" / "manifest.json").exists()
 
     runs = {json.loads((d / "run.json").read_text())["family"]: d for d in (tmp_path / "runs").iterdir()}
@@ -56,6 +62,13 @@ def test_quickstart_runs_end_to_end(tmp_path):
         assert len(row) == 1 and f"| {family} |" in row[0]
     assert records["ddpm"]["cost"]["nfe"] == 50 and records["ar"]["cost"]["nfe"] == 64
 
-    # Running it again trains nothing: the run finished with the same config.
+    # Running it again trains nothing (the run finished with the same config) and adds no duplicate record;
+    # --force scores again
+    count = len(list((tmp_path / "results" / "quickstart").glob("*.json")))
     again = genbench(*args, cwd=tmp_path)
     assert again.returncode == 0 and "already finished; not training again" in again.stdout
+    assert again.stdout.count("already scored") == 4
+    assert len(list((tmp_path / "results" / "quickstart").glob("*.json"))) == count
+    forced = genbench(*args, "--force", cwd=tmp_path)
+    assert forced.returncode == 0 and "already scored" not in forced.stdout
+    assert len(list((tmp_path / "results" / "quickstart").glob("*.json"))) == count + 4

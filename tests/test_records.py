@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 
 import pytest
 
@@ -45,6 +46,24 @@ def _record(run, fid=None, fd=1.0, created="2026-01-01T00:00:00", protocol="p1")
     return {"record_version": 1, "run_id": run, "family": "vae", "created": created, "metrics": metrics,
             "skipped": {} if fid is not None else {"fid": "no weights"},
             "protocol": {"protocol_id": protocol, "num_samples": 10}, "cost": {"parameters": 5, "nfe": 1}}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_follow_the_umask_not_the_temporary_files_0600(tmp_path, umask):
+    """Colleagues in a shared project directory read results, configs and run.json: files get what a plain
+    open() would give them, whatever the temporary file they were written through."""
+    from pipeline.io import atomic_write_json
+
+    previous = os.umask(umask)
+    try:
+        atomic_write_json(tmp_path / "run.json", {"a": 1})
+        write_new_json(tmp_path / "record.json", {"b": 2})
+        (tmp_path / "plain").write_text("")
+    finally:
+        os.umask(previous)
+    expected = (tmp_path / "plain").stat().st_mode & 0o777
+    assert expected == 0o666 & ~umask
+    assert {(tmp_path / n).stat().st_mode & 0o777 for n in ("run.json", "record.json")} == {expected}
 
 
 def test_leaderboard_sorts_by_fid_when_every_row_has_it_else_fd_auditor(tmp_path):

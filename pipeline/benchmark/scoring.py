@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from tqdm import tqdm
 
 from pipeline.benchmark.distributed import Placement, barrier, broadcast
 from pipeline.benchmark.images import ImageSource, Reference, ShardImages
+from pipeline.console import progress
 from pipeline.io import atomic_write_bytes, cache_dir
 from pipeline.metrics import (
     AUDIT,
@@ -143,11 +143,12 @@ def _as_tensors(stats: Optional[dict]) -> Optional[dict]:
 
 
 def _pass(source, extract, sink, opts: ScoreOptions, placement: Placement, device: str, desc: str) -> None:
-    total = -(-source.num_images // opts.batch_size)
-    bar = tqdm(total=total, desc=desc, unit="batch", disable=not (opts.progress and placement.is_main))
+    # counted in images, which every source knows exactly (a count of batches does not survive a source that
+    # hands its network batches over in pieces); other ranks are assumed to keep pace with rank 0
+    bar = progress(source.num_images, desc, "img", enabled=opts.progress and placement.is_main)
     for batch in source.batches(opts.batch_size, placement.rank, placement.world_size):
         sink(batch, extract(batch.images.to(device, non_blocking=True)))
-        bar.update(placement.world_size)
+        bar.update(min(len(batch.index) * placement.world_size, source.num_images - bar.n))
     bar.close()
 
 

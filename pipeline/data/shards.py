@@ -26,8 +26,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 import webdataset as wds
 from PIL import Image
-from tqdm import tqdm
 
+from pipeline.console import track
 from pipeline.data.sources import Source
 from pipeline.io import atomic_write_json, sha256_file
 
@@ -135,7 +135,7 @@ def _write_split(source: Source, indices: np.ndarray, directory: Path, split: st
     shape: Optional[tuple[int, ...]] = None
     writer, name = None, None
     try:
-        for index in tqdm(indices, desc=f"prepare {split}", unit="img", disable=not progress):
+        for index in track(indices, f"prepare {split}", "img", enabled=progress):
             sample = source[int(index)]
             image = resize(sample.image, image_size) if image_size else sample.image
             if shape is None:
@@ -326,7 +326,7 @@ def verify_shards(directory: str | os.PathLike, progress: bool = True) -> list[V
     manifest = json.loads(path.read_text())
     problems = []
     shards = [s for info in manifest["splits"].values() for s in info["shards"]]
-    for shard in tqdm(shards, desc="verify", unit="shard", disable=not progress):
+    for shard in track(shards, "verify", "shard", enabled=progress):
         file = directory / shard["file"]
         if not file.is_file():
             problems.append(VerifyProblem(str(file), "missing"))

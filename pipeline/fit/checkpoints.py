@@ -8,13 +8,26 @@ run.json said otherwise, and the benchmark scored stale weights under the final 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from pipeline.io import shared_mode
+
 LAST = "last.ckpt"
+
+
+class SharedCheckpointIO(TorchCheckpointIO):
+    """Lightning's atomic checkpoint save, then the mode a plain ``open`` gives (its temporary file is 0600)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        super().save_checkpoint(checkpoint, path, storage_options)
+        if os.path.isfile(path):
+            shared_mode(path)
 
 
 def is_final_batch(trainer: Trainer, batch_idx: int) -> bool:
@@ -48,18 +61,22 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if is_final_batch(trainer, batch_idx):
-            self._save_final(trainer)
+        # Not ModelCheckpoint's own: under manual optimisation (the GAN) it looks for a test fixture's
+        # pre-step copy of the weights and warns for 12 lines when there is none. The state after the step is
+        # the one that matches global_step and the EMA, so every family is checkpointed the same way.
+        periodic = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
+        if (periodic or is_final_batch(trainer, batch_idx)) and not self._should_skip_saving_checkpoint(trainer):
+            self._save_step(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # A preempted run has just saved last.ckpt at its step boundary (pipeline.fit.preemption); writing it again
         # here, after the loop ended, would record an end-of-training loop state the requeued job must not see.
         if not any(getattr(cb, "preempted", False) for cb in trainer.checkpoint_callbacks):
-            self._save_final(trainer)
+            self._save_step(trainer)
         super().on_train_end(trainer, pl_module)
 
-    def _save_final(self, trainer: Trainer) -> None:
+    def _save_step(self, trainer: Trainer) -> None:
+        """The numbered checkpoint and last.ckpt at this step, unless it has them already."""
         if self._last_global_step_saved != trainer.global_step and not trainer.sanity_checking:
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)

@@ -17,16 +17,20 @@ from pathlib import Path
 from typing import Any, Optional
 
 from jsonargparse import Namespace
+from lightning_fabric.plugins import CheckpointIO
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning import Trainer
+from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import WandbLogger
 
+from pipeline.console import interactive
 from pipeline.data.datamodule import ShardDataModule
 from pipeline.data.shards import MANIFEST, load_manifest
-from pipeline.fit.checkpoints import LAST, RunCheckpoint
+from pipeline.fit.checkpoints import LAST, RunCheckpoint, SharedCheckpointIO
 from pipeline.fit.options import BenchmarkOptions, PrepareOptions, RunOptions, TrackingOptions
 from pipeline.fit.preemption import PreemptionCheckpoint, allocation_problem, requeue_job, slurm_job_id, under_slurm
+from pipeline.fit.progress import LineProgressBar
 from pipeline.fit.provenance import ProvenanceCallback
 from pipeline.fit.tracking import ContinuingCSVLogger, wandb_mode
 from pipeline.io import atomic_write_text
@@ -174,8 +178,12 @@ class GenbenchCLI(LightningCLI):
         tracking = {"csv": str(run_dir / "logs" / "metrics.csv"), "wandb_mode": mode}
         if mode != "disabled":
             wandb_id = _wandb_id(run_dir, chash)
-            loggers.append(WandbLogger(project=self.config.tracking.project, name=run_dir.name, id=wandb_id,
-                                       save_dir=str(run_dir), offline=(mode == "offline"), resume="allow"))
+            wandb_logger = WandbLogger(project=self.config.tracking.project, name=run_dir.name, id=wandb_id,
+                                       save_dir=str(run_dir), offline=(mode == "offline"), resume="allow")
+            # Lightning always passes anonymous=None, which wandb warns about on every run ("the anonymous
+            # setting has no effect") although nothing was asked for: leave the setting out
+            wandb_logger._wandb_init.pop("anonymous", None)
+            loggers.append(wandb_logger)
             tracking.update(wandb_id=wandb_id, wandb_project=self.config.tracking.project)
             if mode == "offline":  # run.json says how to upload it later
                 tracking["wandb_sync"] = f"wandb sync {run_dir}/wandb/offline-run-*"
@@ -183,7 +191,12 @@ class GenbenchCLI(LightningCLI):
                  ProvenanceCallback(run_dir, self.config, chash, tracking)]
         trainer_config = self._get(self.config_init, "trainer", default={})
         user_callbacks = _as_list(trainer_config.get("callbacks"))
+        if trainer_config.get("enable_progress_bar") is not False and not interactive() and \
+                not any(isinstance(cb, ProgressBar) for cb in user_callbacks):
+            extra.append(LineProgressBar())  # in a log, lines every 30 s instead of a redrawn bar
         plugins = _as_list(trainer_config.get("plugins"))
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(SharedCheckpointIO())
         if under_slurm():
             # Lightning's own auto-requeue checkpoints inside the signal handler; PreemptionCheckpoint does it at a
             # step boundary on all ranks (see pipeline/fit/preemption.py).

@@ -4,6 +4,8 @@ Every experiment is parsed and validated first, so a bad key in the third experi
 command before the first one trains. Training runs in a child ``genbench fit`` process (so a
 multi-device config can start its DDP workers exactly as ``genbench fit`` does); a run whose run.json
 says it finished with the same config is not trained again, and a crashed one resumes from last.ckpt.
+A run that already has a record of the same checkpoint, sample count, seed and extractors is not
+benchmarked again either (``--force`` does), so rerunning a finished suite adds no duplicate rows.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from jsonargparse import ArgumentParser
 from pipeline import leaderboard
 from pipeline.benchmark import ScoreOptions, benchmark_reference_rows, benchmark_run
 from pipeline.benchmark.images import ShardImages
+from pipeline.benchmark.stage import checkpoint_progress, read_run_info
+from pipeline.fit.checkpoints import LAST
 from pipeline.fit.train import DryRun, check_model_fits_data, config_hash, ensure_shards, resolve
 
 
@@ -77,6 +81,39 @@ def _finished(run_dir: Path, chash: str) -> bool:
     return info.get("status") == "finished" and info.get("config_hash") == chash
 
 
+def inception_available(explicit: Optional[str]) -> bool:
+    """Whether the Inception metrics can be computed here now (explicit weights, or the torch hub cache)."""
+    from pipeline.metrics.features import WeightsUnavailable, resolve_inception_weights
+
+    try:
+        resolve_inception_weights(explicit, download=False)
+        return True
+    except WeightsUnavailable:
+        return False
+
+
+def existing_record(job: Job) -> Optional[dict]:
+    """A record of this run that scored the same checkpoint with the same sample count, seed and extractors:
+    benchmarking it again would only add a duplicate row."""
+    results = Path(job.results)
+    ckpt = job.run_dir / "checkpoints" / LAST
+    if not results.exists() or not ckpt.exists():
+        return None
+    step = checkpoint_progress(ckpt)["global_step"]
+    chash = read_run_info(job.run_dir).get("config_hash")
+    bench = job.config.benchmark
+    with_inception = inception_available(bench.inception_weights)
+    for record in leaderboard.load_records(results):
+        protocol = record.get("protocol", {})
+        if (record.get("run_id") == job.run_dir.name and record.get("provenance", {}).get("config_hash") == chash
+                and record.get("cost", {}).get("global_step") == step
+                and protocol.get("num_samples") == bench.num_samples and protocol.get("seed") == bench.seed
+                and protocol.get("repeats", 1) == 1
+                and ("inception" in protocol.get("extractors", {})) == with_inception):
+            return record
+    return None
+
+
 def has_reference_rows(results: Path, shards: str) -> bool:
     """Whether ``results`` already holds the floor and ceiling rows of this data set."""
     if not results.exists():
@@ -88,7 +125,7 @@ def has_reference_rows(results: Path, shards: str) -> bool:
 
 
 def run(paths: list[str], overrides: list[str], runs: Optional[str] = None, results: Optional[str] = None,
-        leaderboard_dir: Optional[str] = None, progress: bool = True) -> Optional[Path]:
+        leaderboard_dir: Optional[str] = None, progress: bool = True, force: bool = False) -> Optional[Path]:
     jobs = []
     suite_results: Optional[str] = results
     suite_board: Optional[str] = leaderboard_dir
@@ -114,9 +151,14 @@ def run(paths: list[str], overrides: list[str], runs: Optional[str] = None, resu
         subprocess.run([sys.executable, "-m", "pipeline.cli", "fit", *job.args], check=True)
 
     for job in jobs:
+        done = None if force else existing_record(job)
+        if done is not None:
+            print(f"[benchmark] {job.run_dir} already scored in {done['_file']} (--force scores it again)", flush=True)
+            continue
         print(f"[benchmark] {job.run_dir}", flush=True)
-        record = benchmark_run(job.run_dir, results=job.results, opts=ScoreOptions(progress=progress))
-        print(f"[benchmark] wrote {record}", flush=True)
+        path = benchmark_run(job.run_dir, results=job.results, opts=ScoreOptions(progress=progress))
+        if path is not None:
+            print(leaderboard.record_summary(json.loads(path.read_text())), flush=True)
     for job in jobs:  # the floor and ceiling rows, once per results directory and data set
         shards = job.config.data.init_args.shards
         if not has_reference_rows(Path(job.results), shards):
@@ -126,6 +168,6 @@ def run(paths: list[str], overrides: list[str], runs: Optional[str] = None, resu
 
     assert suite_results and suite_board, "a suite names its results and leaderboard directories"
     board = leaderboard.build(suite_results, suite_board)
-    print(f"[leaderboard] {board}", flush=True)
+    print(f"[leaderboard]\n{leaderboard.ranked_summary(suite_results, suite_board)}", flush=True)
     return board
 

@@ -1,0 +1,48 @@
+"""The leaderboard in a terminal: the few lines a researcher reads at the end of ``genbench run``, and the
+scores of one record after ``genbench benchmark``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.leaderboard.table import COLUMNS, column, direction, format_cell, is_reference_row, ranked_rows, ranks
+
+# what one record's summary shows, when the record has it
+SUMMARY_COLUMNS = ("fid", "is", "kid", "precision", "recall", "fd_auditor", "kl_to_reference", "coverage",
+                   "conditional_accuracy")
+
+
+def record_summary(record: dict) -> str:
+    """``<run>: fid 12.345 ↓ | is 2.101 ↑ | ... (N=1,000)``, then a line per metric that was skipped."""
+    cells = [f"{c.label.strip()} {format_cell(record, c)}" for c in COLUMNS
+             if c.header in SUMMARY_COLUMNS and c.value(record) is not None]
+    n = record.get("protocol", {}).get("num_samples")
+    lines = [f"{record['run_id']}: {' | '.join(cells) or 'no metric computed'}" + (f" (N={n:,})" if n else "")]
+    lines += [f"  skipped {name}: {reason}" for name, reason in sorted(record.get("skipped", {}).items())]
+    return "\n".join(lines)
+
+
+def ranked_summary(results: str | Path, out: str | Path, top: int = 10) -> str:
+    """The ranked table in a few lines: rank, run, family, the primary metric, N; the best model named; the
+    paths of the markdown and HTML reports."""
+    rows, metric = ranked_rows(results)
+    if not rows:
+        return f"no result records in {results}"
+    primary = column(metric)
+    shown = list(zip(ranks(rows), rows))[:top]
+    width = max(len(str(r["run_id"])) for _, r in shown)
+    lines = [f"{'rank':>4}  {'run':<{width}}  {'family':<9}  {primary.label:>12}  {'N':>7}"]
+    for rank, r in shown:
+        n = r.get("protocol", {}).get("num_samples")
+        lines.append(f"{rank:>4}  {r['run_id']:<{width}}  {r.get('family', ''):<9}  "
+                     f"{format_cell(r, primary):>12}  {'' if n is None else f'{n:,}':>7}")
+    if len(rows) > top:
+        lines.append(f"      ... {len(rows) - top} more rows in the reports")
+    models = [r for r in rows if not is_reference_row(r) and r["metrics"].get(metric) is not None]
+    if models:
+        lines.append(f"best: {models[0]['run_id']} ({models[0].get('family')}), {metric} "
+                     f"{format_cell(models[0], primary)} ({direction(metric)})")
+    out = Path(out)
+    lines.append(f"leaderboard: {out / 'leaderboard.md'}  (sortable, with samples and plots: "
+                 f"{out / 'leaderboard.html'})")
+    return "\n".join(lines)
