@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
     prep.add_argument("--shard-size", default="10000", help="samples (5000) or bytes (64MB) per shard (default 10000)")
     prep.add_argument("--image-size", type=int, help="resize to this square size in pixels (default: keep)")
+    prep.add_argument("--channels", type=int, choices=(1, 3),
+                      help="convert every image to grayscale (1) or RGB (3) (default: keep)")
     prep.add_argument("--png-compression", type=int, default=0,
                       help="zlib level of the lossless PNGs, 0-9 (default 0: largest files, ~2.8x faster to decode)")
     prep.add_argument("--root", default="data/torchvision", help="local root of torchvision datasets")
@@ -197,7 +199,7 @@ def cmd_prepare(args, extra) -> int:
         return 2
     source = open_source(args.source, root=args.root, download=args.download, label_attribute=args.label_attribute)
     manifest = write_shards(source, args.out, val_fraction=args.val_fraction, seed=args.seed,
-                            shard_size=args.shard_size, image_size=args.image_size,
+                            shard_size=args.shard_size, image_size=args.image_size, channels=args.channels,
                             png_compression=args.png_compression, overwrite=args.overwrite)
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['num_samples']} images in {len(info['shards'])} shard(s), "

@@ -27,6 +27,32 @@ def test_unknown_keys_and_typos_fail_with_the_key(tmp_path):
     _fails_with(["--config", VAE, "--config", str(bad)], "num_sample")
 
 
+@pytest.mark.parametrize("override,expected", [
+    ("--trainer.max_step=3", "--trainer.max_step: unknown key; did you mean --trainer.max_steps?"),
+    ("--model.init_args.latnt_dim=3", "--model.init_args.latnt_dim: unknown key; did you mean "
+                                      "--model.init_args.latent_dim?"),
+    ("--model.init_args.ema_decy=0.9", "did you mean --model.init_args.ema_decay?"),  # a base-class argument
+    ("--data.init_args.batch_siz=3", "did you mean --data.init_args.batch_size?"),
+    ("--run.nam=x", "--run.nam: unknown key; did you mean --run.name?"),
+])
+def test_a_mistyped_key_names_the_closest_valid_one_in_one_line(override, expected):
+    with pytest.raises(ConfigError) as err:
+        resolve(["--config", VAE, override])
+    assert expected in str(err.value) and "\n" not in str(err.value) and "Subtypes" not in str(err.value)
+
+
+def test_a_mistyped_key_in_yaml_names_the_file_and_the_closest_valid_one(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  class_path: pipeline.models.gan.GAN\n  init_args:\n    lr_gen: 0.001\n"
+                   "trainer:\n  max_steps: 5\n")
+    with pytest.raises(ConfigError, match=rf"{bad}: model.init_args.lr_gen: unknown key; did you mean "
+                                          r"model.init_args.lr_g\?"):
+        resolve(["--config", str(REPO / "experiments" / "digits" / "gan.yaml"), "--config", str(bad)])
+    bad.write_text("trainer:\n  max_stepz: 5\n")
+    with pytest.raises(ConfigError, match=rf"{bad}: trainer.max_stepz: unknown key; did you mean trainer.max_steps"):
+        resolve(["--config", VAE, "--config", str(bad)])
+
+
 def test_wrong_types_and_malformed_yaml_fail(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  class_path: pipeline.models.vae.VAE\n  init_args:\n    latent_dim: many\n")

@@ -149,6 +149,37 @@ def test_shards_without_a_manifest_are_identified_by_their_bytes(tmp_path):
     assert ShardImages(tmp_path).content_hash != before
 
 
+def _folder(root, images):
+    root.mkdir()
+    for name, array in images.items():
+        Image.fromarray(array).save(root / name)
+    return FolderSource(root)
+
+
+def test_prepare_names_the_odd_image_and_the_option_that_fixes_it(tmp_path, caplog):
+    gray, rgb = np.full((8, 8), 90, np.uint8), np.full((8, 8, 3), 200, np.uint8)
+    sizes = _folder(tmp_path / "sizes", {"a.png": gray, "b.png": np.zeros((10, 12), np.uint8)})
+    with pytest.raises(ValueError, match=r"folder:.*/sizes/b.png is 12x10 but folder:.*/sizes/a.png is 8x8; "
+                                         r"pass --image-size S"):
+        write_shards(sizes, tmp_path / "out1", val_fraction=0.0, progress=False)
+    mixed = _folder(tmp_path / "mixed", {"a.png": gray, "b.png": rgb})
+    with pytest.raises(ValueError, match=r"b.png has 3 channel\(s\) but .*a.png has 1; pass --channels 1 "
+                                         r"\(grayscale\) or --channels 3 \(RGB\)"):
+        write_shards(mixed, tmp_path / "out2", val_fraction=0.0, progress=False)
+    # --channels converts: gray becomes three equal channels, RGB the ITU-R 601 luma
+    manifest = write_shards(mixed, tmp_path / "rgb", val_fraction=0.0, progress=False, channels=3)
+    assert manifest["splits"]["train"]["channels"] == 3 and manifest["prepare"]["channels"] == 3
+    read = {k: v[0] for k, v in _read_all(tmp_path / "rgb", "train").items()}
+    assert sorted(np.unique(image).tolist()[0] for image in read.values()) == [90, 200]
+    gray_manifest = write_shards(mixed, tmp_path / "gray", val_fraction=0.0, progress=False, channels=1)
+    assert gray_manifest["splits"]["train"]["channels"] == 1
+    assert "channels" not in write_shards(sizes, tmp_path / "plain", val_fraction=0.0, progress=False,
+                                          image_size=8)["prepare"]  # unset: the manifest hash stays as it was
+    # a square resize of a non-square image says so
+    assert any("changed the aspect ratio of 1 of 2 images" in r.getMessage() and "b.png (12x10)" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_folder_source_with_class_subfolders_and_flat(tmp_path):
     rng = np.random.default_rng(1)
     for cls in ("cat", "dog"):

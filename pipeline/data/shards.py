@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -30,6 +31,8 @@ from PIL import Image
 from pipeline.console import track
 from pipeline.data.sources import Source
 from pipeline.io import atomic_write_json, sha256_file
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "genbench-shards/1"
@@ -78,6 +81,15 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
     return out[:, :, None] if out.ndim == 2 else out
 
 
+def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """HWC uint8 with 1 or 3 channels -> the same image with ``channels`` (ITU-R 601 luma for grayscale)."""
+    if image.shape[2] == channels:
+        return image
+    if channels == 3:
+        return np.repeat(image, 3, axis=2)
+    return np.asarray(Image.fromarray(image).convert("L"))[:, :, None]
+
+
 def split_indices(n: int, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
     """Deterministic train/val split: the same (n, fraction, seed) always gives the same split."""
     if not 0.0 <= val_fraction < 1.0:
@@ -89,13 +101,16 @@ def split_indices(n: int, val_fraction: float, seed: int) -> dict[str, np.ndarra
 
 def write_shards(source: Source, out: str | os.PathLike, val_fraction: float = 0.1, seed: int = 0,
                  shard_size: str | int = 10000, image_size: Optional[int] = None, png_compression: int = 0,
-                 overwrite: bool = False, progress: bool = True) -> dict:
+                 overwrite: bool = False, progress: bool = True, channels: Optional[int] = None) -> dict:
     """Write ``source`` as train/val WebDataset shards + manifest.json into ``out``; returns the manifest.
 
     Everything is written into a temporary sibling directory that is renamed to ``out`` at the end, so an
-    interrupted prepare never leaves a half-written dataset behind.
+    interrupted prepare never leaves a half-written dataset behind. ``image_size`` resizes every image to a
+    square of that size, ``channels`` converts every image to grayscale (1) or RGB (3).
     """
     out = Path(out)
+    if channels not in (None, 1, 3):
+        raise ValueError(f"--channels {channels}: use 1 (grayscale) or 3 (RGB)")
     if not 0 <= png_compression <= 9:
         raise ValueError(f"--png-compression {png_compression} must be a zlib level from 0 (fastest to read) to 9")
     if out.exists() and not overwrite:
@@ -108,7 +123,9 @@ def write_shards(source: Source, out: str | os.PathLike, val_fraction: float = 0
         "format": MANIFEST_FORMAT,
         "source": source.name,
         "prepare": {"val_fraction": val_fraction, "seed": seed, "shard_size": str(shard_size), "image_size": image_size,
-                    "png_compression": png_compression},
+                    "png_compression": png_compression,
+                    # only when set: data prepared without it keeps the identity (manifest hash) it had
+                    **({"channels": channels} if channels else {})},
         "class_names": list(source.class_names),
         "attribute_names": list(source.attribute_names),
         "splits": {},
@@ -118,7 +135,7 @@ def write_shards(source: Source, out: str | os.PathLike, val_fraction: float = 0
             if len(indices) == 0:
                 continue
             manifest["splits"][split] = _write_split(source, indices, tmp, split, max_count, max_bytes,
-                                                     image_size, png_compression, progress)
+                                                     image_size, png_compression, progress, channels)
         atomic_write_json(tmp / MANIFEST, manifest)
         if out.exists():
             shutil.rmtree(out)
@@ -128,23 +145,39 @@ def write_shards(source: Source, out: str | os.PathLike, val_fraction: float = 0
     return manifest
 
 
+def _sample_name(source: Source, index: int, attributes: dict) -> str:
+    """The file an image came from when the source knows it (an image folder), else its index."""
+    if "source_id" in attributes:
+        return f"{source.name}/{attributes['source_id']}"
+    return f"sample {index} of {source.name}"
+
+
 def _write_split(source: Source, indices: np.ndarray, directory: Path, split: str, max_count: int,
-                 max_bytes: int, image_size: Optional[int], png_compression: int, progress: bool) -> dict:
+                 max_bytes: int, image_size: Optional[int], png_compression: int, progress: bool,
+                 channels: Optional[int] = None) -> dict:
     counts: Counter = Counter()
+    reshaped: list[str] = []  # non-square images that the square resize stretched
     labels: Counter = Counter()
     shape: Optional[tuple[int, ...]] = None
     writer, name = None, None
     try:
         for index in track(indices, f"prepare {split}", "img", enabled=progress):
             sample = source[int(index)]
-            image = resize(sample.image, image_size) if image_size else sample.image
+            image = to_channels(sample.image, channels) if channels else sample.image
+            if image_size:
+                if image.shape[0] != image.shape[1]:
+                    reshaped.append(f"{_sample_name(source, index, sample.attributes)} "
+                                    f"({image.shape[1]}x{image.shape[0]})")
+                image = resize(image, image_size)
             if shape is None:
-                shape = image.shape
+                shape, first = image.shape, _sample_name(source, index, sample.attributes)
             elif image.shape != shape:
-                raise ValueError(
-                    f"sample {index} of {source.name} is {image.shape[1]}x{image.shape[0]}x{image.shape[2]} but the "
-                    f"first was {shape[1]}x{shape[0]}x{shape[2]}; pass --image-size to resize all images to one size"
-                )
+                what = _sample_name(source, index, sample.attributes)
+                if image.shape[:2] != shape[:2]:
+                    raise ValueError(f"{what} is {image.shape[1]}x{image.shape[0]} but {first} is "
+                                     f"{shape[1]}x{shape[0]}; pass --image-size S to resize every image to SxS")
+                raise ValueError(f"{what} has {image.shape[2]} channel(s) but {first} has {shape[2]}; pass "
+                                 "--channels 1 (grayscale) or --channels 3 (RGB) to convert every image")
             record = {"__key__": f"{int(index):06d}", "png": encode_png(image, png_compression),
                       "json": json.dumps(sample.attributes, sort_keys=True).encode()}
             if sample.label is not None:
@@ -164,6 +197,10 @@ def _write_split(source: Source, indices: np.ndarray, directory: Path, split: st
     finally:
         if writer is not None:
             writer.close()
+    if reshaped:
+        log.warning("%s: resizing to %dx%d changed the aspect ratio of %d of %d images (first: %s); crop them to "
+                    "squares before genbench prepare to keep their proportions", split, image_size, image_size,
+                    len(reshaped), len(indices), reshaped[0])
     shards = [{"file": name, "num_samples": counts[name], "sha256": sha256_file(directory / name),
                "bytes": (directory / name).stat().st_size} for name in sorted(counts)]
     n_classes = max(labels) + 1 if labels else 0

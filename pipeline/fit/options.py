@@ -39,6 +39,7 @@ class PrepareOptions:
         shard_size: samples per shard (``5000``) or bytes per shard (``64MB``).
         image_size: resize images to this square size (pixels); None keeps the source's size.
         png_compression: zlib level of the lossless PNGs (0: largest files, fastest to decode).
+        channels: convert every image to grayscale (1) or RGB (3); None keeps the source's.
         root: local root of a torchvision dataset.
     """
 
@@ -48,6 +49,7 @@ class PrepareOptions:
     shard_size: str = "10000"
     image_size: Optional[int] = None
     png_compression: int = 0
+    channels: Optional[int] = None
     root: str = "data/torchvision"
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import time
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,6 +29,7 @@ from pipeline.console import interactive
 from pipeline.data.datamodule import ShardDataModule
 from pipeline.data.shards import MANIFEST, load_manifest
 from pipeline.fit.checkpoints import LAST, RunCheckpoint, SharedCheckpointIO
+from pipeline.fit.config_errors import explain
 from pipeline.fit.options import BenchmarkOptions, PrepareOptions, RunOptions, TrackingOptions
 from pipeline.fit.preemption import PreemptionCheckpoint, allocation_problem, requeue_job, slurm_job_id, under_slurm
 from pipeline.fit.progress import LineProgressBar
@@ -93,7 +95,7 @@ def ensure_shards(data_config: Namespace, prepare: Namespace) -> None:
 
     write_shards(open_source(prepare.source, root=prepare.root), shards, val_fraction=prepare.val_fraction,
                  seed=prepare.seed, shard_size=prepare.shard_size, image_size=prepare.image_size,
-                 png_compression=prepare.png_compression)
+                 png_compression=prepare.png_compression, channels=prepare.channels)
 
 
 def check_model_fits_data(config: Namespace) -> None:
@@ -234,9 +236,20 @@ def last_checkpoint(run_dir: Path) -> Optional[Path]:
     return path if path.exists() else None
 
 
+def parse(args: list[str], instantiate: bool = True) -> GenbenchCLI:
+    """GenbenchCLI, with a mistyped key explained in one line (the key and the closest valid one)."""
+    try:
+        return GenbenchCLI(args, instantiate=instantiate)
+    except ArgumentError as e:
+        short = explain(str(e), args)
+        if short is None:
+            raise
+        raise ConfigError(short) from e
+
+
 def fit(args: list[str]) -> Path:
     """Parse, validate, train; resumes from the run's last.ckpt when one exists. Returns the run directory."""
-    cli = GenbenchCLI(args)
+    cli = parse(args)
     assert cli.run_dir is not None
     ckpt = last_checkpoint(cli.run_dir)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt) if ckpt else None)
@@ -255,7 +268,7 @@ def fit(args: list[str]) -> Path:
 def resolve(args: list[str]) -> DryRun:
     """Parse and validate an experiment without doing any work: its resolved config and run directory."""
     try:
-        GenbenchCLI(args, instantiate=False)
+        parse(args, instantiate=False)
     except DryRun as d:
         return d
     raise AssertionError("unreachable: GenbenchCLI(instantiate=False) always raises DryRun")
