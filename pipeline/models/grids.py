@@ -41,7 +41,7 @@ class SampleGrids(Callback):
     def _save(self, trainer: Trainer, pl_module: LightningModule) -> None:
         model = self._sampling_model(trainer, pl_module)
         grid = grid_image(model)
-        scale = max(1, 256 // grid.shape[-1])  # tiny images (8x8 digits) are hard to see at 1:1
+        scale = max(1, 512 // grid.shape[-1])  # about 512 px wide: tiny images (8x8 digits) are unreadable at 1:1
         path = save_png(grid, Path(trainer.default_root_dir) / "samples" / f"step-{trainer.global_step:07d}.png", scale)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
