@@ -12,7 +12,7 @@ import torch
 
 from conftest import REPO
 from pipeline.benchmark import BenchmarkError, ScoreOptions, benchmark_run
-from pipeline.fit.train import fit
+from pipeline.fit.train import ConfigError, fit
 
 SHRINK = {
     "vae": ["--model.init_args.kl_warmup_steps=0", "--model.init_args.base_channels=8"],
@@ -87,16 +87,18 @@ def _state(path):
 
 
 def test_a_run_resumed_without_slurm_continues_exactly_where_it_stopped(tmp_path, digits_shards):
-    """Fit 10 steps, then the same run to 20: the same weights, EMA, optimizer and schedule as 20 steps in one
+    """Fit 10 steps, then the same run to 20 (one command: the same experiment with a longer max_steps): the same weights, EMA, optimizer and schedule as 20 steps in one
     go, the step and image counts continued, and one metrics.csv with every step once. Epochs of 5 batches so
     that the stop falls on an epoch boundary (data order resumes per epoch), and the AR family without dropout,
     whose training step draws no random numbers, so the two runs must agree bit for bit."""
     common = ["--trainer.limit_train_batches=5", "--trainer.log_every_n_steps=1", "--model.init_args.dropout=0.0",
               "--run.checkpoint_every_n_steps=4"]
-    resumed = _fit(tmp_path, digits_shards, "ar", "--run.id=resumed", "--trainer.max_steps=10", *common)
-    assert _ckpt(resumed / "checkpoints" / "last.ckpt") == (10, 160)
-    resumed = _fit(tmp_path, digits_shards, "ar", "--run.id=resumed", "--trainer.max_steps=20", *common)
-    straight = _fit(tmp_path, digits_shards, "ar", "--run.id=straight", "--trainer.max_steps=20", *common)
+    first = _fit(tmp_path, digits_shards, "ar", "--run.name=resumed", "--trainer.max_steps=10", *common)
+    assert _ckpt(first / "checkpoints" / "last.ckpt") == (10, 160)
+    # a longer schedule is the same run: max_steps is not part of the config hash that names the directory
+    resumed = _fit(tmp_path, digits_shards, "ar", "--run.name=resumed", "--trainer.max_steps=20", *common)
+    assert resumed == first
+    straight = _fit(tmp_path, digits_shards, "ar", "--run.name=straight", "--trainer.max_steps=20", *common)
 
     a, b = _state(resumed / "checkpoints" / "last.ckpt"), _state(straight / "checkpoints" / "last.ckpt")
     assert a["global_step"] == b["global_step"] == 20 and a["genbench"]["images_seen"] == 20 * 16
@@ -111,7 +113,10 @@ def test_a_run_resumed_without_slurm_continues_exactly_where_it_stopped(tmp_path
 
     info = json.loads((resumed / "run.json").read_text())
     assert info["attempts"] == 2 and info["global_step"] == 20 and info["images_seen"] == 20 * 16
-    assert [r["global_step"] for r in info["resumes"]] == [10]
+    assert [(r["global_step"], r["max_steps"]) for r in info["resumes"]] == [(10, 20)] and info["max_steps"] == 20
+    # a shorter schedule than the run has trained is refused before any work
+    with pytest.raises(ConfigError, match="already trained 20 steps, more than trainer.max_steps=15"):
+        _fit(tmp_path, digits_shards, "ar", "--run.name=resumed", "--trainer.max_steps=15", *common)
     with open(resumed / "logs" / "metrics.csv") as f:
         steps = [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
     assert steps == list(range(20))  # the first attempt's rows kept, none twice

@@ -92,6 +92,7 @@ class ProvenanceCallback(Callback):
             "data": {"shards": self.shards, "manifest_hash": manifest_hash(load_manifest(self.shards))},
             **describe_environment(),
             "world_size": trainer.world_size,
+            "max_steps": trainer.max_steps,  # this attempt's schedule; each resume records the one it continued to
             "num_nodes": trainer.num_nodes,
             "precision": str(trainer.precision),
             "tracking": self.tracking,
@@ -112,7 +113,7 @@ class ProvenanceCallback(Callback):
             slurm = self.record["hardware"]["slurm"] or {}
             self.record["resumes"].append({
                 "attempt": self.record["attempts"], "checkpoint": str(trainer.ckpt_path),
-                "global_step": trainer.global_step, "time": now(),
+                "global_step": trainer.global_step, "max_steps": trainer.max_steps, "time": now(),
                 "slurm_job_id": slurm.get("SLURM_JOB_ID"), "slurm_restart_count": slurm.get("SLURM_RESTART_COUNT")})
             atomic_write_json(self.run_dir / "run.json", self.record)
 

@@ -44,6 +44,9 @@ warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is in
 
 # Groups that do not change what is trained: excluded from the config hash that names the run.
 NON_TRAINING_GROUPS = ("run", "benchmark", "tracking", "dry_run", "config")
+# How long to train, not what: outside the hash, so a longer schedule continues the same run (directory, W&B
+# run, metrics.csv) from its last checkpoint. The families' learning-rate schedules do not depend on them.
+SCHEDULE_KEYS = ("max_steps", "max_epochs", "max_time")
 
 
 class DryRun(Exception):
@@ -59,7 +62,9 @@ class ConfigError(ValueError):
 
 
 def config_hash(config: Namespace) -> str:
+    """What is trained: the config less the groups that do not change it and the schedule's length."""
     data = {k: v for k, v in config.as_dict().items() if k not in NON_TRAINING_GROUPS}
+    data["trainer"] = {k: v for k, v in (data.get("trainer") or {}).items() if k not in SCHEDULE_KEYS}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -119,6 +124,18 @@ def check_model_fits_data(config: Namespace) -> None:
                           + ("" if n_classes else " (no labels)") + f"; set num_classes: {n_classes or 'null'}")
 
 
+def check_schedule(run_dir: Path, max_steps: Optional[int]) -> None:
+    """A run continues to a longer schedule; a shorter one than it has trained would hand its later weights to
+    the benchmark under the shorter schedule's name."""
+    info_path = run_dir / "run.json"
+    if not max_steps or max_steps < 0 or not info_path.exists():
+        return
+    trained = json.loads(info_path.read_text()).get("global_step") or 0
+    if trained > max_steps:
+        raise ConfigError(f"{run_dir} has already trained {trained} steps, more than trainer.max_steps={max_steps}; "
+                          f"continue it with a larger max_steps, or start another run with --run.name")
+
+
 def check_config_files(args: list[str]) -> None:
     """Every ``--config`` file exists and is YAML; jsonargparse's own message names neither the file nor the fix."""
     import yaml
@@ -166,6 +183,7 @@ class GenbenchCLI(LightningCLI):
             raise ConfigError(problem)
         ensure_shards(self.config.data, self.config.prepare)
         check_model_fits_data(self.config)
+        check_schedule(self.run_dir, self.config.trainer.max_steps)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         run_dir = self.run_dir

@@ -73,12 +73,14 @@ class Job(NamedTuple):
     config: Any  # the resolved jsonargparse Namespace
 
 
-def _finished(run_dir: Path, chash: str) -> bool:
+def _finished(run_dir: Path, chash: str, max_steps: Optional[int]) -> bool:
+    """Trained with this config to this schedule (a longer ``max_steps`` continues the run)."""
     path = run_dir / "run.json"
     if not path.exists():
         return False
     info = json.loads(path.read_text())
-    return info.get("status") == "finished" and info.get("config_hash") == chash
+    long_enough = not max_steps or max_steps < 0 or (info.get("global_step") or 0) >= max_steps
+    return info.get("status") == "finished" and info.get("config_hash") == chash and long_enough
 
 
 def inception_available(explicit: Optional[str]) -> bool:
@@ -144,7 +146,7 @@ def run(paths: list[str], overrides: list[str], runs: Optional[str] = None, resu
     print(f"genbench run: {len(jobs)} experiment(s) validated", flush=True)
 
     for job in jobs:
-        if _finished(job.run_dir, job.config_hash):
+        if _finished(job.run_dir, job.config_hash, job.config.trainer.max_steps):
             print(f"[fit] {job.run_dir} already finished; not training again", flush=True)
             continue
         print(f"[fit] {job.experiment} -> {job.run_dir}", flush=True)
