@@ -87,10 +87,11 @@ def _state(path):
 
 
 def test_a_run_resumed_without_slurm_continues_exactly_where_it_stopped(tmp_path, digits_shards):
-    """Fit 10 steps, then the same run to 20 (one command: the same experiment with a longer max_steps): the same weights, EMA, optimizer and schedule as 20 steps in one
-    go, the step and image counts continued, and one metrics.csv with every step once. Epochs of 5 batches so
-    that the stop falls on an epoch boundary (data order resumes per epoch), and the AR family without dropout,
-    whose training step draws no random numbers, so the two runs must agree bit for bit."""
+    """Fit 10 steps, then the same run to 20 (the same command with a longer max_steps): the same weights, EMA,
+    optimizer and schedule as 20 steps in one go, the step and image counts continued, and one metrics.csv with
+    every step once. Epochs of 5 batches so that the stop falls on an epoch boundary (data order resumes per
+    epoch), and the AR family without dropout, whose training step draws no random numbers, so the two runs
+    must agree bit for bit."""
     common = ["--trainer.limit_train_batches=5", "--trainer.log_every_n_steps=1", "--model.init_args.dropout=0.0",
               "--run.checkpoint_every_n_steps=4"]
     first = _fit(tmp_path, digits_shards, "ar", "--run.name=resumed", "--trainer.max_steps=10", *common)
