@@ -20,8 +20,9 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+from pipeline.console import interactive
 from pipeline.data.datamodule import ShardDataModule
-from pipeline.io import atomic_write_json, cache_dir
+from pipeline.io import atomic_write_json, cache_dir, shared_mode
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -110,14 +111,20 @@ def train_auditor(shards: str, epochs: int = 10, seed: int = 0, out: Optional[Pa
     # LightningEnvironment: a plain single process even when started by srun/torchrun with several ranks
     # (rank 0 of a benchmark trains the auditor while the others wait), where Lightning would otherwise
     # take the launcher's world size and expect every rank to join.
+    if progress:
+        print(f"[auditor] training on the labels of {shards} ({epochs} epochs, once per data set)", flush=True)
+    # a bar on a terminal only: in a log its carriage returns pile up
     trainer = Trainer(max_epochs=epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
                       plugins=[LightningEnvironment()],
-                      enable_progress_bar=progress, enable_model_summary=False, check_val_every_n_epoch=epochs,
-                      default_root_dir=str(out.parent))
+                      enable_progress_bar=progress and interactive(), enable_model_summary=False,
+                      check_val_every_n_epoch=epochs, default_root_dir=str(out.parent))
     trainer.fit(model, datamodule=dm)
     accuracy = float(trainer.callback_metrics["auditor/val_accuracy"])
     out.parent.mkdir(parents=True, exist_ok=True)
     trainer.save_checkpoint(str(out))  # Lightning writes checkpoints atomically
+    shared_mode(out)
+    if progress:
+        print(f"[auditor] held-out accuracy {accuracy:.3f}: {out}", flush=True)
     atomic_write_json(out.with_suffix(".json"), {"val_accuracy": accuracy, "manifest_hash": dm.manifest_hash,
                                                  "epochs": epochs, "seed": seed, "num_classes": dm.num_classes,
                                                  "class_names": manifest["class_names"]})
