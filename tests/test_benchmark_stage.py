@@ -248,6 +248,8 @@ def test_repeats_reference_rows_and_the_html_leaderboard(tmp_path, digits_shards
                      str(results), "--metrics", "fd_auditor,audit")
     assert bench.returncode == 0, bench.stderr[-3000:]
     (record,) = _records(results)
+    # the command prints the scores it wrote, not only the file
+    assert f"{run_dir.name}: fd_auditor ↓ " in bench.stdout and " ± " in bench.stdout and "(N=120)" in bench.stdout
     draws = [d["fd_auditor"] for d in record["repeats"]]
     assert len(draws) == 3 and len(set(draws)) == 3  # three different sample sets (seeds 0, 1, 2)
     assert record["metrics"]["fd_auditor"] == pytest.approx(np.mean(draws), rel=1e-12)

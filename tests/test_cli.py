@@ -83,3 +83,19 @@ def test_ctrl_c_during_fit_prints_the_one_command_that_resumes(tmp_path, digits_
     (run_dir,) = [p.parent.parent for p in tmp_path.glob("*/checkpoints/last.ckpt")]
     assert f"resumes from {run_dir / 'checkpoints' / 'last.ckpt'}" in hint[0]
     assert "`genbench fit --config " in hint[0] and "--trainer.max_steps=100000" in hint[0]
+
+
+def test_fit_is_quiet_unless_asked_for_everything(tmp_path, digits_shards):
+    from conftest import REPO
+
+    args = ["fit", "--config", str(REPO / "experiments" / "digits" / "vae.yaml"), f"--run.root={tmp_path}",
+            f"--data.init_args.shards={digits_shards}", "--data.init_args.num_workers=0", "--trainer.max_steps=3",
+            "--tracking.wandb=false"]
+    quiet = genbench(*args)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert "GPU available" not in quiet.stderr and "Seed set" not in quiet.stderr
+    assert "[fit " in quiet.stderr and "step: 3/3" in quiet.stderr and "run directory:" in quiet.stdout
+    loud = genbench(*args, "--verbose")
+    assert loud.returncode == 0 and "GPU available" in loud.stderr + loud.stdout
+    env_loud = genbench(*args, env={"GENBENCH_VERBOSE": "1"})
+    assert "GPU available" in env_loud.stderr + env_loud.stdout

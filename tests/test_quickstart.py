@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from PIL import Image
 
 from conftest import REPO, genbench
 
@@ -48,6 +49,8 @@ def test_quickstart_runs_end_to_end(tmp_path):
         assert info["packages"]["torch"] and "commit" in info["git"] and info["images_seen"] > 0
         assert (run_dir / "checkpoints" / "last.ckpt").exists() and (run_dir / "config.yaml").exists()
         assert list((run_dir / "samples").glob("*.png")) and (run_dir / "logs" / "metrics.csv").exists()
+        with Image.open(sorted((run_dir / "samples").glob("*.png"))[-1]) as grid:
+            assert grid.width >= 400, grid.size  # readable: 8x8 digits drawn 7x larger
         assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run missing"
         assert info["tracking"]["wandb_mode"] == "offline" and info["tracking"]["wandb_sync"].startswith("wandb sync ")
 
