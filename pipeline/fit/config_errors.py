@@ -63,7 +63,8 @@ def _closest(key: str, candidates: Iterable[str]) -> Optional[str]:
     return found[0] if found else None
 
 
-def _config_files(args: list[str]) -> list[Path]:
+def config_files(args: list[str]) -> list[Path]:
+    """The ``--config`` files of a command line, in order."""
     paths = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
     return [Path(p) for p in paths + [a.split("=", 1)[1] for a in args if a.startswith("--config=")]]
 
@@ -72,7 +73,7 @@ def _where(key: str, args: list[str]) -> str:
     """``--key`` when the command line set it, else the config file that holds it."""
     if any(a == f"--{key}" or a.startswith(f"--{key}=") for a in args):
         return f"--{key}"
-    for path in _config_files(args):
+    for path in config_files(args):
         node: Any = yaml.safe_load(path.read_text()) if path.is_file() else None
         for part in key.split("."):
             node = node.get(part) if isinstance(node, dict) else None
@@ -84,7 +85,7 @@ def _where(key: str, args: list[str]) -> str:
 def _classes(args: list[str]) -> tuple[Optional[str], Optional[str]]:
     """The model and data class paths the experiment names (last one wins, as in jsonargparse)."""
     found: dict[str, Optional[str]] = {"model": None, "data": None}
-    for path in _config_files(args):
+    for path in config_files(args):
         config = yaml.safe_load(path.read_text()) if path.is_file() else None
         for group in found:
             node = config.get(group) if isinstance(config, dict) else None

@@ -29,7 +29,7 @@ from pipeline.console import interactive
 from pipeline.data.datamodule import ShardDataModule
 from pipeline.data.shards import MANIFEST, load_manifest
 from pipeline.fit.checkpoints import LAST, RunCheckpoint, SharedCheckpointIO
-from pipeline.fit.config_errors import explain
+from pipeline.fit.config_errors import config_files, explain
 from pipeline.fit.options import BenchmarkOptions, PrepareOptions, RunOptions, TrackingOptions
 from pipeline.fit.preemption import PreemptionCheckpoint, allocation_problem, requeue_job, slurm_job_id, under_slurm
 from pipeline.fit.progress import LineProgressBar
@@ -140,13 +140,11 @@ def check_config_files(args: list[str]) -> None:
     """Every ``--config`` file exists and is YAML; jsonargparse's own message names neither the file nor the fix."""
     import yaml
 
-    paths = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
-    paths += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
-    for path in paths:
-        if not Path(path).is_file():
+    for path in config_files(args):
+        if not path.is_file():
             raise ConfigError(f"experiment file {path} does not exist")
         try:
-            yaml.safe_load(Path(path).read_text())
+            yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
 
