@@ -182,9 +182,9 @@ def _children(pid: int) -> list[int]:
             for c in (task / "children").read_text().split()]
 
 
-def _ignores_sigterm(pid: int) -> bool:
+def _ignores_sigterm(pid: int, signum: int = signal.SIGTERM) -> bool:
     ignored = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigIgn"))
-    return bool(int(ignored.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    return bool(int(ignored.split()[1], 16) >> (signum - 1) & 1)
 
 
 def test_loader_workers_are_not_forked_from_the_training_process(digits_shards):
@@ -200,4 +200,6 @@ def test_loader_workers_are_not_forked_from_the_training_process(digits_shards):
     workers = _children(servers[0])
     assert len(workers) == 2 and not set(workers) & set(ours)
     assert all(_ignores_sigterm(pid) for pid in workers)
+    # and the preemption warning (--signal=SIGUSR1@90), whose default action would end them mid-step
+    assert _ignores_sigterm(servers[0], signal.SIGUSR1) and all(_ignores_sigterm(p, signal.SIGUSR1) for p in workers)
     del batches

@@ -7,8 +7,9 @@ How the data is split (the "consumers" are all loader workers of all ranks, ``wo
 * fewer shards than consumers (small data, many workers), or shards too uneven to share out: every
   consumer reads all shards and keeps every ``consumers``-th sample, so none is left short of data.
 
-Either way the consumers see disjoint samples within a pass over the data. Training streams are
-endless — each new pass reshuffles the shard order from (seed, epoch, pass) — and every worker
+Either way the consumers see disjoint samples within a pass over the data; split by sample, a sample's
+consumer follows from its place in the unshuffled order, so each owns the same samples in every epoch.
+Training streams are endless — each new pass reshuffles the shard order from (seed, epoch, pass) — and every worker
 yields an exact quota of batches, so every rank gets the same number of batches per epoch and DDP
 never waits on a rank that ran dry (the resampled-shards + ``with_epoch`` recipe of WebDataset).
 By default the quota is what every worker is sure to get from one pass, so an epoch repeats no
@@ -25,7 +26,7 @@ from typing import Any, Iterator, Optional
 import torch
 from pytorch_lightning import LightningDataModule
 
-from pipeline.data.loaders import EpochDataLoader, ignore_sigterm, loader_context
+from pipeline.data.loaders import EpochDataLoader, ignore_job_signals, loader_context
 from pipeline.data.shards import ShardError, load_manifest, manifest_hash, shard_paths
 from pipeline.data.stream import NO_LABEL, ShardStream, guaranteed_pass_samples
 
@@ -123,7 +124,7 @@ class ShardDataModule(LightningDataModule):
                            shuffle_buffer=self.shuffle_buffer, hflip=self.hflip and train, expected_counts=counts)
 
     def _loader(self, stream: ShardStream, epoch_fn=None) -> EpochDataLoader:
-        workers = {"multiprocessing_context": loader_context(), "worker_init_fn": ignore_sigterm} \
+        workers = {"multiprocessing_context": loader_context(), "worker_init_fn": ignore_job_signals} \
             if self.num_workers else {}
         return EpochDataLoader(stream, epoch_fn=epoch_fn, num_workers=self.num_workers,
                                pin_memory=self.pin_memory and torch.cuda.is_available(), **workers)

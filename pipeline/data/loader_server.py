@@ -2,13 +2,12 @@
 training process.
 
 It loads once what every worker needs, so forking a worker from the server costs no imports, and it makes
-the server ignore SIGTERM: SLURM signals every process of a job step, and loader workers (the server's
-children) stop when their parent dies, so a server killed by a preemption's SIGTERM would take the loader
-down before the training process has checkpointed. The server still exits with the training process.
+the server ignore SIGTERM and SIGUSR1: SLURM signals every process of a job step, and loader workers (the
+server's children) stop when their parent dies, so a server killed by a preemption's signal would take the
+loader down before the training process has checkpointed. The server still exits with the training process.
 """
 
-import signal
-
 import pipeline.data.stream  # noqa: F401  (torch, webdataset and the stream classes the workers unpickle)
+from pipeline.data.loaders import ignore_job_signals
 
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
+ignore_job_signals()

@@ -11,16 +11,21 @@ from torch.utils.data import DataLoader
 
 from pipeline.data.stream import ShardStream
 
+# SIGTERM: SLURM preempting, requeueing or cancelling the job; SIGUSR1: the warning --signal=SIGUSR1@90 sends
+# before the time limit. Both are for the training process (pipeline/fit/preemption.py) to act on.
+JOB_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-def ignore_sigterm(worker_id: int) -> None:
-    """Loader workers outlive a SIGTERM sent to the whole job (SLURM preempting or requeueing it).
 
-    SLURM signals every process of a job step. A worker killed by it makes the main process's loader fail
-    (PyTorch checks that its workers live) before the step can be checkpointed (pipeline/fit/preemption.py).
-    So the workers, like their fork server, leave the decision to the main process: they stop when it
-    shuts the loader down or exits (PyTorch's worker watchdog), or at SLURM's SIGKILL.
+def ignore_job_signals(worker_id: int = 0) -> None:
+    """Loader workers outlive the signals SLURM sends to the whole job step.
+
+    SLURM signals every process of a job step. A worker killed by one (SIGUSR1's default action ends a
+    process too) makes the main process's loader fail (PyTorch checks that its workers live) before the step
+    can be checkpointed. So the workers, like their fork server, leave the decision to the main process: they
+    stop when it shuts the loader down or exits (PyTorch's worker watchdog), or at SLURM's SIGKILL.
     """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for signum in JOB_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def loader_context() -> multiprocessing.context.BaseContext:

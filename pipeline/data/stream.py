@@ -6,6 +6,7 @@ See ``pipeline.data.datamodule`` for how the consumers split the data.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from collections import Counter
@@ -71,8 +72,12 @@ class ShardStream(IterableDataset):
             mine, stride = order[consumer::consumers], 1
         else:
             mine, stride = order, consumers
-        i = 0
+        # Split by sample: a sample's place in the unshuffled order (shard offset + position) picks its consumer,
+        # not its place in this epoch's shard order, so every consumer owns the same samples in every epoch and
+        # ranks stay disjoint over a whole run, not only within a pass.
+        offsets = dict(zip(self.paths, itertools.accumulate([0, *counts[:-1]])))
         for path in mine:
+            i = offsets[path]
             n = 0
             try:
                 for sample in iter_samples(path, SAMPLE_ENTRIES):
