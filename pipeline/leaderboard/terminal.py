@@ -13,12 +13,15 @@ SUMMARY_COLUMNS = ("fid", "is", "kid", "precision", "recall", "fd_auditor", "kl_
 
 
 def record_summary(record: dict) -> str:
-    """``<run>: fid 12.345 ↓ | is 2.101 ↑ | ... (N=1,000)``, then a line per metric that was skipped."""
+    """``<run>: fid ↓ 12.345 | is ↑ 2.101 | ... (N=1,000)``, then a line per reason metrics were skipped for."""
     cells = [f"{c.label.strip()} {format_cell(record, c)}" for c in COLUMNS
              if c.header in SUMMARY_COLUMNS and c.value(record) is not None]
     n = record.get("protocol", {}).get("num_samples")
     lines = [f"{record['run_id']}: {' | '.join(cells) or 'no metric computed'}" + (f" (N={n:,})" if n else "")]
-    lines += [f"  skipped {name}: {reason}" for name, reason in sorted(record.get("skipped", {}).items())]
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in sorted(record.get("skipped", {}).items()):
+        by_reason.setdefault(reason, []).append(name)
+    lines += [f"  skipped {', '.join(names)}: {reason}" for reason, names in by_reason.items()]
     return "\n".join(lines)
 
 
