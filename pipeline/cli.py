@@ -156,6 +156,8 @@ def cmd_fit(args: list[str]) -> int:
     except (ConfigError, argparse.ArgumentError) as e:  # jsonargparse's errors name the bad key
         return _fail(e)
     except BaseException as e:  # Ctrl-C (Lightning turns it into SystemExit(1)), a crash, a kill
+        if isinstance(e, SystemExit) and e.code in (0, None):  # --help and --print_config exit cleanly
+            raise
         print(f"genbench fit: {'interrupted' if isinstance(e, (KeyboardInterrupt, SystemExit)) else 'failed'}; "
               f"{_resume_hint(args)}", file=sys.stderr)
         raise

@@ -83,6 +83,9 @@ def test_ctrl_c_during_fit_prints_the_one_command_that_resumes(tmp_path, digits_
     (run_dir,) = [p.parent.parent for p in tmp_path.glob("*/checkpoints/last.ckpt")]
     assert f"resumes from {run_dir / 'checkpoints' / 'last.ckpt'}" in hint[0]
     assert "`genbench fit --config " in hint[0] and "--trainer.max_steps=100000" in hint[0]
+    # --help exits too, cleanly: no resume hint there
+    help_ = genbench("fit", "--help")
+    assert help_.returncode == 0 and "--trainer.max_steps" in help_.stdout and "genbench fit:" not in help_.stderr
 
 
 def test_fit_is_quiet_unless_asked_for_everything(tmp_path, digits_shards):

@@ -59,10 +59,10 @@ def checkpoint_progress(ckpt: Path) -> dict[str, Any]:
     return {"global_step": state.get("global_step"), "images_seen": state.get("genbench", {}).get("images_seen")}
 
 
-def load_run_model(run_dir: Path, device: str = "cpu"):
+def load_run_model(run_dir: Path, device: str = "cpu", run_info: Optional[dict[str, Any]] = None):
     """The run's model class from its resolved config, with the EMA weights of ``last.ckpt``, and the training
     progress of that checkpoint. Refuses a checkpoint older than the step run.json says training reached: its
-    weights would be scored under another step's provenance."""
+    weights would be scored under another step's provenance. ``run_info``: run.json, when the caller has it."""
     config_path, ckpt = run_dir / "config.yaml", run_dir / "checkpoints" / "last.ckpt"
     if not config_path.exists():
         raise BenchmarkError(f"{run_dir} has no config.yaml: not a genbench run directory (genbench fit writes one)")
@@ -70,7 +70,7 @@ def load_run_model(run_dir: Path, device: str = "cpu"):
         raise BenchmarkError(f"{ckpt} does not exist: the run has no checkpoint yet; train it with "
                              f"genbench fit --config {config_path}")
     progress = checkpoint_progress(ckpt)
-    run_info = read_run_info(run_dir)
+    run_info = read_run_info(run_dir) if run_info is None else run_info
     trained = run_info.get("global_step")
     if trained is not None and progress["global_step"] is not None and progress["global_step"] < trained:
         raise BenchmarkError(
@@ -145,7 +145,8 @@ def benchmark_run(run_dir: str | os.PathLike, num_samples: Optional[int] = None,
     run_dir = Path(run_dir)
     opts = opts or ScoreOptions()
     device = opts.device or placement.device
-    model, config, progress = load_run_model(run_dir, device)
+    run_info = read_run_info(run_dir)
+    model, config, progress = load_run_model(run_dir, device, run_info)
     bench = config.get("benchmark", {})
     num_samples = num_samples or bench.get("num_samples", 50000)
     seed = bench.get("seed", 0) if seed is None else seed
@@ -169,7 +170,6 @@ def benchmark_run(run_dir: str | os.PathLike, num_samples: Optional[int] = None,
     protocol.update(seed=seed, repeats=repeats, sampling={k: v for k, v in sources[0].describe().items()
                                                          if k in ("precision", "compiled")})
     seconds = sum(s.sampling_seconds for s in sources)
-    run_info = read_run_info(run_dir)
     cost = model.cost()
     return _write_record(
         results_dir, _record_name(run_dir.name, num_samples, seed), placement, metrics_, std, draws, skipped, protocol,

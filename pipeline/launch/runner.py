@@ -94,18 +94,17 @@ def inception_available(explicit: Optional[str]) -> bool:
         return False
 
 
-def existing_record(job: Job) -> Optional[dict]:
-    """A record of this run that scored the same checkpoint with the same sample count, seed and extractors:
-    benchmarking it again would only add a duplicate row."""
-    results = Path(job.results)
+def existing_record(job: Job, records: list[dict]) -> Optional[dict]:
+    """Among ``records``, one of this run that scored the same checkpoint with the same sample count, seed and
+    extractors: benchmarking it again would only add a duplicate row."""
     ckpt = job.run_dir / "checkpoints" / LAST
-    if not results.exists() or not ckpt.exists():
+    if not records or not ckpt.exists():
         return None
     step = checkpoint_progress(ckpt)["global_step"]
     chash = read_run_info(job.run_dir).get("config_hash")
     bench = job.config.benchmark
     with_inception = inception_available(bench.inception_weights)
-    for record in leaderboard.load_records(results):
+    for record in records:
         protocol = record.get("protocol", {})
         if (record.get("run_id") == job.run_dir.name and record.get("provenance", {}).get("config_hash") == chash
                 and record.get("cost", {}).get("global_step") == step
@@ -152,8 +151,10 @@ def run(paths: list[str], overrides: list[str], runs: Optional[str] = None, resu
         print(f"[fit] {job.experiment} -> {job.run_dir}", flush=True)
         subprocess.run([sys.executable, "-m", "pipeline.cli", "fit", *job.args], check=True)
 
+    # the records there were before this command: the ones it writes are of runs it has just benchmarked
+    before = {res: leaderboard.load_records(res) if Path(res).exists() else [] for res in {j.results for j in jobs}}
     for job in jobs:
-        done = None if force else existing_record(job)
+        done = None if force else existing_record(job, before[job.results])
         if done is not None:
             print(f"[benchmark] {job.run_dir} already scored in {done['_file']} (--force scores it again)", flush=True)
             continue

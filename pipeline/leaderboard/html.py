@@ -17,7 +17,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from pipeline.leaderboard.table import Column, column, direction, format_cell, is_reference_row, used_columns
+from pipeline.leaderboard.table import (
+    Column,
+    column,
+    direction,
+    format_cell,
+    is_reference_row,
+    skipped_by_reason,
+    used_columns,
+)
 
 # shown unfolded when present: the fidelity metrics and the budget; the rest behind "all columns"
 MAIN_COLUMNS = ("fid", "is", "kid", "precision", "recall", "fd_auditor", "images_seen", "num_samples")
@@ -134,12 +142,7 @@ def _protocol(rows: list[dict], results: str | Path) -> str:
 
 def _skipped(rows: list[dict]) -> str:
     """Each reason once, with the metrics and rows it applies to: why a column is empty, and the fix."""
-    by_reason: dict[str, tuple[set[str], set[str]]] = {}
-    for r in rows:
-        for metric, reason in r.get("skipped", {}).items():
-            metrics, runs = by_reason.setdefault(reason, (set(), set()))
-            metrics.add(metric)
-            runs.add(str(r["run_id"]))
+    by_reason = skipped_by_reason(rows)
     if not by_reason:
         return ""
     items = []

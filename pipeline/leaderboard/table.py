@@ -100,6 +100,19 @@ def primary_metric(rows: list[dict]) -> str:
     return KEY_FID if models and all(KEY_FID in r["metrics"] for r in models) else KEY_FD_AUDITOR
 
 
+def skipped_by_reason(rows: list[dict]) -> dict[str, tuple[list[str], list[str]]]:
+    """Each reason a metric was not computed, once: reason -> (the metrics, the runs it applies to)."""
+    grouped: dict[str, tuple[list[str], list[str]]] = {}
+    for r in rows:
+        for metric, reason in sorted(r.get("skipped", {}).items()):
+            metrics, runs = grouped.setdefault(reason, ([], []))
+            if metric not in metrics:
+                metrics.append(metric)
+            if str(r["run_id"]) not in runs:
+                runs.append(str(r["run_id"]))
+    return grouped
+
+
 def format_cell(record: dict, column: Column, with_std: bool = True) -> str:
     value = column.value(record)
     if value is None:

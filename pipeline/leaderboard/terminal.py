@@ -5,7 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.leaderboard.table import COLUMNS, column, direction, format_cell, is_reference_row, ranked_rows, ranks
+from pipeline.leaderboard.table import (
+    COLUMNS,
+    column,
+    direction,
+    format_cell,
+    is_reference_row,
+    ranked_rows,
+    ranks,
+    skipped_by_reason,
+)
 
 # what one record's summary shows, when the record has it
 SUMMARY_COLUMNS = ("fid", "is", "kid", "precision", "recall", "fd_auditor", "kl_to_reference", "coverage",
@@ -18,10 +27,8 @@ def record_summary(record: dict) -> str:
              if c.header in SUMMARY_COLUMNS and c.value(record) is not None]
     n = record.get("protocol", {}).get("num_samples")
     lines = [f"{record['run_id']}: {' | '.join(cells) or 'no metric computed'}" + (f" (N={n:,})" if n else "")]
-    by_reason: dict[str, list[str]] = {}
-    for name, reason in sorted(record.get("skipped", {}).items()):
-        by_reason.setdefault(reason, []).append(name)
-    lines += [f"  skipped {', '.join(names)}: {reason}" for reason, names in by_reason.items()]
+    lines += [f"  skipped {', '.join(metrics)}: {reason}"
+              for reason, (metrics, _) in skipped_by_reason([record]).items()]
     return "\n".join(lines)
 
 
