@@ -19,7 +19,7 @@ COMMANDS = {
     "run": "prepare, fit, benchmark and rank one or more experiments (or a suite such as experiments/quickstart.yaml)",
     "submit": "submit a sweep (families x seeds x overrides) to SLURM: train array -> benchmark array -> leaderboard",
     "train-auditor": "train the auditor classifier of a shard directory (done automatically by benchmark)",
-    "fetch-weights": "download torch-fidelity's InceptionV3 weights into the torch hub cache (needs internet)",
+    "fetch-weights": "download feature-network weights (InceptionV3, DINOv2) into the torch hub cache (needs internet)",
 }
 
 
@@ -77,10 +77,14 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, help="seed of the generated images (default: the run's benchmark.seed)")
     bench.add_argument("--repeats", type=int, default=1,
                        help="draw this many sample sets (seeds seed..seed+R-1); the record holds mean and std")
-    bench.add_argument("--metrics", help="comma-separated subset of fid,is,kid,pr,fd_auditor,audit (default all)")
+    bench.add_argument("--metrics", help="comma-separated subset of fid,is,kid,pr,fd_auditor,audit,memorization,"
+                                         "fd_dinov2 (default: all but fd_dinov2)")
     bench.add_argument("--inception-weights", metavar="PATH",
                        help=f"torch-fidelity's InceptionV3 weights, the file {INCEPTION_FILE} (default: the torch "
                             "hub cache, where `genbench fetch-weights` puts it)")
+    bench.add_argument("--dinov2-weights", metavar="PATH",
+                       help="DINOv2 ViT-L/14 weights for fd_dinov2, Meta's dinov2_vitl14_pretrain.pth (default: the "
+                            "torch hub cache, where `genbench fetch-weights dinov2` puts it)")
     bench.add_argument("--auditor", help="auditor checkpoint (default: trained on the reference's labels and cached)")
     bench.add_argument("--batch-size", type=int, default=250, help="images per batch (default 250)")
     bench.add_argument("--allow-tf32", action="store_true",
@@ -94,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     board = sub.add_parser("leaderboard", help=COMMANDS["leaderboard"], description=COMMANDS["leaderboard"])
     board.add_argument("--results", default="results", help="directory of result records (default results/)")
     board.add_argument("--out", default="leaderboard", help="output directory (default leaderboard/)")
+    board.add_argument("--sort", metavar="METRIC",
+                       help="rank by this metric column, e.g. fd_dinov2 or memorization (default: fid when every "
+                            "model row has it, else fd_auditor)")
     board.add_argument("--wandb", choices=("auto", "online", "offline", "off"), default="auto",
                        help="log the table to W&B: auto = when W&B is logged in (default), offline = a local run "
                             "to `wandb sync` later")
@@ -121,7 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     aud.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
     aud.add_argument("--out", help="checkpoint path (default: the cache, keyed by the manifest hash)")
 
-    sub.add_parser("fetch-weights", help=COMMANDS["fetch-weights"], description=COMMANDS["fetch-weights"])
+    fetch = sub.add_parser("fetch-weights", help=COMMANDS["fetch-weights"], description=COMMANDS["fetch-weights"])
+    fetch.add_argument("networks", nargs="*", choices=("inception", "dinov2"), metavar="NETWORK",
+                       help="inception (default) and/or dinov2 (DINOv2 ViT-L/14, 1.2 GB, for --metrics fd_dinov2)")
     return p
 
 
@@ -227,7 +236,7 @@ def cmd_benchmark(args, extra) -> int:
     if args.sample_precision and not args.run:
         raise ValueError("--sample-precision sets how a --run's model samples; images made elsewhere are already drawn")
     opts = ScoreOptions(batch_size=args.batch_size, inception_weights=args.inception_weights, auditor=args.auditor,
-                        allow_tf32=args.allow_tf32)
+                        allow_tf32=args.allow_tf32, dinov2_weights=args.dinov2_weights)
     if args.metrics and not args.run:
         opts.metrics = parse_metrics(args.metrics)
     placement = init_from_environment()
@@ -259,11 +268,15 @@ def cmd_benchmark(args, extra) -> int:
 def cmd_leaderboard(args, extra) -> int:
     from pipeline import leaderboard
 
-    path = leaderboard.build(args.results, args.out, wandb=args.wandb)
+    try:
+        path = leaderboard.build(args.results, args.out, wandb=args.wandb, sort=args.sort)
+    except ValueError as e:  # an unknown --sort, or a damaged record: the message names it
+        print(f"genbench: error: {e}", file=sys.stderr)
+        return 2
     if path is None:
         print(f"genbench: error: no result records in {args.results}; run genbench benchmark first", file=sys.stderr)
         return 1
-    print(leaderboard.ranked_summary(args.results, args.out))
+    print(leaderboard.ranked_summary(args.results, args.out, sort=args.sort))
     return 0
 
 
@@ -308,9 +321,12 @@ def cmd_train_auditor(args, extra) -> int:
 
 
 def cmd_fetch_weights(args, extra) -> int:
-    from pipeline.metrics.features import fetch_inception_weights
+    from pipeline.metrics.dinov2 import DINOV2_WEIGHTS
+    from pipeline.metrics.features import INCEPTION_WEIGHTS
 
-    print(f"InceptionV3 weights: {fetch_inception_weights()}")
+    weights = {"inception": INCEPTION_WEIGHTS, "dinov2": DINOV2_WEIGHTS}
+    for name in args.networks or ["inception"]:
+        print(f"{weights[name].network} weights: {weights[name].download()}")
     return 0
 
 

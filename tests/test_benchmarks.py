@@ -104,3 +104,22 @@ def test_benchmark_split_times_one_and_two_ranks_of_a_whole_benchmark(tmp_path):
     seconds = row["seconds"]
     assert sorted(seconds) == ["1", "2"] and row["split_ratio"]["1"] == 1.0
     assert row["split_ratio"]["2"] == pytest.approx(seconds["2"] / (seconds["1"] / 2), rel=1e-3)
+
+
+@pytest.mark.slow
+def test_memorization_benchmark_writes_cost_ratios_and_calibration(tmp_path):
+    out = tmp_path / "memorization.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "memorization.py"), "--num-images", "300",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    cost = result["cost"]
+    assert cost["num_images"] == 300 and cost["pixels_shift_tolerant_s"] > 0 and cost["features_2048_s"] > 0
+    assert cost["chunked_over_cdist"] == pytest.approx(cost["chunked_search_s"] / cost["cdist_topk_s"], rel=0.05)
+    assert 0 < cost["audit_share_of_benchmark"] < 1
+    calibration = result["calibration"]
+    threshold = str(calibration["settings"]["threshold"])
+    assert calibration["pixels"]["held_out"]["flagged"][threshold] <= 0.05
+    assert calibration["pixels"]["noise_0.05"]["flagged"][threshold] >= 0.9
+    assert calibration["pixels"]["moved_left"]["flagged"][threshold] >= 0.9

@@ -79,7 +79,30 @@ def test_leaderboard_sorts_by_fid_when_every_row_has_it_else_fd_auditor(tmp_path
     order = [l.split("|")[2].strip() for l in text.splitlines() if l.startswith("| ") and l[2].isdigit()]
     assert order == ["a", "c", "b"]
     csv_rows = (tmp_path / "board" / "leaderboard.csv").read_text().splitlines()
-    assert csv_rows[0].startswith("rank,run,family,fid,is,kid,precision,recall,fd_auditor") and len(csv_rows) == 4
+    assert csv_rows[0].startswith("rank,run,family,fid,is,kid,precision,recall,fd_dinov2,fd_auditor")
+    assert len(csv_rows) == 4
+
+
+def test_leaderboard_sorts_by_a_chosen_metric_nested_ones_included(tmp_path):
+    """--sort fd_dinov2 / memorization ranks by that column (the copy rate lives inside metrics.memorization);
+    a row without it goes last; an unknown name lists the choices."""
+    results = tmp_path / "results"
+    for run, dino, copy in (("a", 30.0, 0.2), ("b", 10.0, 0.5), ("c", None, 0.0)):
+        record = _record(run, fid=1.0)
+        if dino is not None:
+            record["metrics"]["fd_dinov2"] = dino
+        record["metrics"]["memorization"] = {"copy_rate": copy, "authpct": 50.0, "ct_score": 0.1}
+        write_new_json(results / f"{run}.json", record)
+
+    def order(sort):
+        text = leaderboard.build(results, tmp_path / "board", sort=sort).read_text()
+        assert f"Sorted by `{sort}`" in text
+        return [l.split("|")[2].strip() for l in text.splitlines() if l.startswith("| ") and l[2].isdigit()]
+
+    assert order("fd_dinov2") == ["b", "a", "c"]
+    assert order("memorization") == ["c", "a", "b"]
+    with pytest.raises(ValueError, match="--sort 'copy': choose one of .*memorization"):
+        leaderboard.build(results, tmp_path / "board", sort="copy")
 
 
 def test_leaderboard_keeps_the_newest_record_per_run_and_protocol(tmp_path):

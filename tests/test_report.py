@@ -55,9 +55,12 @@ def browser():
 
 
 def _record(results: Path, run: str, family: str, fd: float, n: int = 1000, images_seen: int = 76800,
-            reference_row: str | None = None, skipped: dict | None = None) -> None:
+            reference_row: str | None = None, skipped: dict | None = None, copy_rate: float | None = None) -> None:
     grid = torch.from_numpy(np.random.default_rng(len(run)).integers(0, 256, (1, 73, 73), dtype=np.uint8))
     save_png(grid, results / "grids" / f"{run}.png", scale=4)
+    if copy_rate is not None:  # the memorisation audit's closest pairs: 8 rows of (generated, training)
+        pairs = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (1, 81, 19), dtype=np.uint8))
+        save_png(pairs, results / "grids" / f"{run}-closest.png", scale=4)
     record = {
         "record_version": 2, "name": run, "created": "2026-11-30T00:00:00", "run_id": run, "family": family,
         "metrics": {"fd_auditor": fd, "audit": {"kl_to_reference": fd / 10, "coverage": 1.0,
@@ -71,6 +74,10 @@ def _record(results: Path, run: str, family: str, fd: float, n: int = 1000, imag
                  "sampling_images_per_s": 5000.0 / fd, "bits_per_dim": 3.5},
         "sample_grid": f"grids/{run}.png",
     }
+    if copy_rate is not None:
+        record["metrics"]["memorization"] = {"copy_rate": copy_rate, "authpct": 60.0, "ct_score": -1.5,
+                                             "space": "pixels"}
+        record["closest_pairs_grid"] = f"grids/{run}-closest.png"
     if reference_row:
         record["reference_row"] = reference_row
     write_new_json(results / f"{run}.json", record)
@@ -80,12 +87,13 @@ def _record(results: Path, run: str, family: str, fd: float, n: int = 1000, imag
 def report(tmp_path_factory) -> Path:
     results = tmp_path_factory.mktemp("results")
     long = "digits-ddpm-with-a-rather-long-experiment-name-912cdca3"
-    _record(results, long, "ddpm", 1.46)
-    _record(results, "digits-ar-a055da0f", "ar", 2.08)
+    _record(results, long, "ddpm", 1.46, copy_rate=0.012)
+    _record(results, "digits-ar-a055da0f", "ar", 2.08, copy_rate=0.0)
     _record(results, "digits-vae-7294d3fa", "vae", 2.19, skipped={"fid": NO_WEIGHTS, "is": NO_WEIGHTS,
                                                                   "pr": TOO_FEW})
     _record(results, "digits-gan-44a786bc", "gan", 4.95, n=500, images_seen=96000)
-    _record(results, "reference: held-out validation split", "reference", 0.49, n=180, reference_row="floor")
+    _record(results, "reference: held-out validation split", "reference", 0.49, n=180, reference_row="floor",
+            copy_rate=0.006)
     _record(results, "reference: uniform noise", "reference", 36.9, reference_row="ceiling")
     out = results.parent / "board"
     leaderboard.build(results, out, wandb="off")
@@ -113,11 +121,18 @@ def test_the_report_fits_1400_px_sorts_shows_its_grids_and_explains_what_is_miss
     assert [float(v) for v in column_values(primary)] == sorted(ranked, reverse=True)
 
     # every grid is decoded and shown, the floor's too
-    images = browser.find_elements(By.CSS_SELECTOR, "img.grid")
+    images = browser.find_elements(By.CSS_SELECTOR, "img.grid:not(.pairs)")
     assert len(images) == 6
     assert all(browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img)
                for img in images)
     assert all(img.size["width"] >= 250 for img in images)
+    # the memorisation audit: a column, and the closest pairs of the rows that have them, floor included
+    assert "memorization ↓" in headers
+    pairs = browser.find_elements(By.CSS_SELECTOR, "img.grid.pairs")
+    assert len(pairs) == 3 and all(
+        browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img) for img in pairs)
+    captions = [f.text for f in browser.find_elements(By.CSS_SELECTOR, "figure[id^=closest] figcaption")]
+    assert any("held-out" in c and "copy rate 0.006" in c for c in captions)
 
     # each reason once, with the metrics it explains
     items = [li.text for li in browser.find_elements(By.CSS_SELECTOR, "ul.skipped li")]

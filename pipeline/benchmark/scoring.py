@@ -1,18 +1,15 @@
-"""Score a set of images against a reference: Inception metrics (FID, IS, KID, precision/recall) and
-the auditor metrics (fd_auditor, bias audit), from one pass over the images.
+"""Score a set of images against a reference: Inception metrics (FID, IS, KID, precision/recall), the
+auditor metrics (fd_auditor, bias audit), FD-DINOv2 and the memorisation audit, from one pass over the
+images through every feature extractor the metrics need.
 
-Each rank extracts features of its share of the images; the accumulators in
-``pipeline.metrics.accumulators`` combine the shares exactly, so one process and N processes give
-the same numbers. The reference pass is cached under the reference's content hash, the extractor,
-its weights and the precision, so a changed shard or setting never reuses a stale cache.
+The reference side of every metric (features, statistics, neighbours) is computed once per Scorer and
+cached under the reference's content hash (``passes.py``); each ``score`` is then one pass over a
+generated set.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,25 +17,30 @@ import torch
 
 from pipeline.benchmark.distributed import Placement, barrier, broadcast
 from pipeline.benchmark.images import ImageSource, Reference, ShardImages
-from pipeline.console import progress
-from pipeline.io import atomic_write_bytes, cache_dir
+from pipeline.benchmark.memorization import MemorizationAudit
+from pipeline.benchmark.passes import FeatureSet, cache_key, feature_pass, reference_features
 from pipeline.metrics import (
     AUDIT,
     AUDITOR_METRICS,
+    DEFAULT,
     FD_AUDITOR,
+    FD_DINOV2,
     FID,
     INCEPTION_METRICS,
     IS,
     KEY_AUDIT,
     KEY_FD_AUDITOR,
+    KEY_FD_DINOV2,
     KEY_FID,
+    KEY_MEMORIZATION,
     KID,
+    MEMORIZATION,
     PR,
     SELECTABLE,
 )
-from pipeline.metrics.accumulators import FeatureBank, FeatureStatistics
 from pipeline.metrics.auditor import auditor_path, train_auditor
 from pipeline.metrics.bias import audit, histogram, per_class_fd
+from pipeline.metrics.dinov2 import DINOV2_WEIGHTS
 from pipeline.metrics.extractors import EXTRACTORS, AuditorExtractor, FeatureExtractor
 from pipeline.metrics.features import WeightsUnavailable, resolve_inception_weights
 from pipeline.metrics.fidelity import (
@@ -48,6 +50,9 @@ from pipeline.metrics.fidelity import (
     kernel_inception_distance,
     precision_recall,
 )
+from pipeline.metrics.memorization import MemorizationSettings
+
+__all__ = ["BenchmarkError", "ScoreOptions", "Scorer", "cache_key", "parse_metrics"]
 
 
 class BenchmarkError(RuntimeError):
@@ -58,9 +63,10 @@ class BenchmarkError(RuntimeError):
 class ScoreOptions:
     """How images are scored; every setting that changes a number is recorded in the protocol."""
 
-    metrics: tuple[str, ...] = SELECTABLE
+    metrics: tuple[str, ...] = DEFAULT
     batch_size: int = 250
     inception_weights: Optional[str] = None
+    dinov2_weights: Optional[str] = None
     auditor: Optional[str] = None
     auditor_epochs: int = 10
     allow_tf32: bool = False
@@ -68,6 +74,7 @@ class ScoreOptions:
     kid_subsets: int = 100
     kid_subset_size: int = 1000
     pr_neighborhood: int = 3
+    memorization: MemorizationSettings = field(default_factory=MemorizationSettings)
     progress: bool = True
     device: Optional[str] = None  # default: the placement's device (cuda:LOCAL_RANK, else cpu)
 
@@ -80,197 +87,125 @@ def parse_metrics(text: str) -> tuple[str, ...]:
     return names
 
 
-def cache_key(**parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-class FeatureSet:
-    """What one image set leaves in one extractor's feature space, accumulated across ranks."""
-
-    def __init__(self, num_features: int, device: str, keep_features: bool = False, num_logits: int = 0,
-                 num_classes: int = 0, keep_requested: bool = False) -> None:
-        self.stats = FeatureStatistics(num_features).to(device)
-        self.features = FeatureBank((num_features,)).to(device) if keep_features else None
-        self.logits = FeatureBank((num_logits,)).to(device) if num_logits else None
-        self.per_class = [FeatureStatistics(num_features).to(device) for _ in range(num_classes)]
-        self.classes = FeatureBank(dtype=torch.long).to(device) if num_classes else None
-        self.requested = FeatureBank(dtype=torch.long).to(device) if keep_requested else None
-
-    def update(self, index: torch.Tensor, features: torch.Tensor, logits: Optional[torch.Tensor] = None,
-               classes: Optional[torch.Tensor] = None, requested: Optional[torch.Tensor] = None) -> None:
-        index = index.to(features.device)
-        self.stats.update(features)
-        if self.features is not None:
-            self.features.update(features, index)
-        if self.logits is not None:
-            assert logits is not None, "this feature set keeps logits: pass them"
-            self.logits.update(logits, index)
-        if self.classes is not None:
-            assert classes is not None, "this feature set keeps classes: pass them"
-            classes = classes.to(features.device)
-            self.classes.update(classes, index)
-            for c in classes.unique().tolist():
-                if 0 <= c < len(self.per_class):
-                    self.per_class[c].update(features[classes == c])
-        if self.requested is not None and requested is not None:
-            self.requested.update(requested.to(features.device), index)
-
-    def finalize(self) -> dict[str, Any]:
-        """Synchronise over the ranks (collective: every rank calls it) and return plain tensors."""
-        out: dict[str, Any] = {"stats": _as_tensors(self.stats.compute())}
-        for name in ("features", "logits", "classes", "requested"):
-            bank = getattr(self, name)
-            if bank is None or not _any_rank_has(bank):
-                out[name] = None
-                continue
-            bank.join_if_empty()
-            out[name] = bank.compute().cpu()
-        out["per_class"] = [_as_tensors(s.compute_or_none()) for s in self.per_class]
-        return out
-
-
-def _any_rank_has(bank: FeatureBank) -> bool:
-    count = torch.tensor([len(bank.features)], device=bank.device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(count)
-    return bool(count.item())
-
-
-def _as_tensors(stats: Optional[dict]) -> Optional[dict]:
-    if stats is None:
-        return None
-    return {"mu": torch.as_tensor(stats["mu"]), "sigma": torch.as_tensor(stats["sigma"]), "count": stats["count"]}
-
-
-def _pass(source, extract, sink, opts: ScoreOptions, placement: Placement, device: str, desc: str) -> None:
-    # counted in images, which every source knows exactly (a count of batches does not survive a source that
-    # hands its network batches over in pieces); other ranks are assumed to keep pace with rank 0
-    bar = progress(source.num_images, desc, "img", enabled=opts.progress and placement.is_main)
-    for batch in source.batches(opts.batch_size, placement.rank, placement.world_size):
-        sink(batch, extract(batch.images.to(device, non_blocking=True)))
-        bar.update(min(len(batch.index) * placement.world_size, source.num_images - bar.n))
-    bar.close()
-
-
-def _reference_features(reference: Reference, extractor: FeatureExtractor, key: str, opts: ScoreOptions,
-                        placement: Placement, device: str, with_classes: bool) -> dict:
-    """The reference's finalized FeatureSet for one extractor, from the cache or from one pass split over
-    the ranks. Only rank 0 computes metrics, so only rank 0 reads the cache; the decision to recompute
-    is its too (broadcast), so that every rank joins the same collective pass. ``with_classes``: keep
-    per-class statistics under the reference's own labels."""
-    path = cache_dir() / "reference-stats" / f"{key}.pt"
-    cached = None
-    if placement.is_main:
-        try:
-            cached = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError, ValueError):
-            cached = None  # absent or damaged cache: recompute
-    if broadcast(cached is not None, placement):
-        return cached if cached is not None else {}  # only rank 0 reads the cache and computes metrics
-    fs = FeatureSet(extractor.num_features, device, keep_features=extractor.keep_features,
-                    num_classes=extractor.num_classes if with_classes else 0)
-
-    def sink(batch, out):
-        fs.update(batch.index, out[0], classes=batch.labels if with_classes else None)
-
-    _pass(reference, extractor, sink, opts, placement, device, f"reference features ({extractor.name})")
-    result = fs.finalize()
-    if placement.is_main:
-        buf = io.BytesIO()
-        torch.save(result, buf)
-        atomic_write_bytes(path, buf.getvalue())
-    barrier(placement)
-    return result
-
-
 class Scorer:
     """Scores image sets against one reference. The extractors are loaded and the reference features
     computed (or read from the cache) once, here; each ``score`` call is then one pass over a
     generated set, so ``--repeats`` and the reference rows do not redo that work. Every rank builds
-    it and calls ``score`` (both are collective)."""
+    it and calls ``score`` (both are collective).
+
+    ``held_out``: images of the reference's distribution that the model never saw (the val split): the
+    memorisation audit's baseline of what "not copied" looks like.
+    """
 
     def __init__(self, reference: Reference, opts: ScoreOptions, placement: Placement,
-                 image_shape: tuple[int, ...]) -> None:
+                 image_shape: tuple[int, ...], held_out: Optional[ImageSource] = None) -> None:
         self.reference, self.opts, self.placement = reference, opts, placement
         self.device = opts.device or placement.device
         self.wanted = set(opts.metrics)
         self.skipped: dict[str, str] = {}
-        self.inception = None
+        self.extractors: dict[str, FeatureExtractor] = {}
         if self.wanted & set(INCEPTION_METRICS):
             try:
-                self.inception = EXTRACTORS["inception"](resolve_inception_weights(opts.inception_weights),
-                                                         self.device, opts.allow_tf32)
+                self.extractors["inception"] = EXTRACTORS["inception"](
+                    resolve_inception_weights(opts.inception_weights), self.device, opts.allow_tf32)
             except WeightsUnavailable as e:
                 self.skipped.update({m: str(e) for m in INCEPTION_METRICS if m in self.wanted})
-        self.auditor = None
-        if self.wanted & set(AUDITOR_METRICS):
-            self.auditor, reason = _auditor(image_shape, reference, opts, placement, self.device)
-            if reason:
+        if FD_DINOV2 in self.wanted:
+            try:
+                self.extractors["dinov2"] = EXTRACTORS["dinov2"](DINOV2_WEIGHTS.resolve(opts.dinov2_weights),
+                                                                 self.device, opts.allow_tf32)
+            except WeightsUnavailable as e:
+                self.skipped[FD_DINOV2] = str(e)
+        if self.wanted & set(AUDITOR_METRICS) or MEMORIZATION in self.wanted:
+            auditor, reason = _auditor(image_shape, reference, opts, placement, self.device)
+            if auditor is not None:
+                self.extractors["auditor"] = auditor
+            elif reason:
                 self.skipped.update({m: reason for m in AUDITOR_METRICS if m in self.wanted})
+        memorization_spaces: dict[str, FeatureExtractor] = {}
+        if MEMORIZATION in self.wanted:
+            reason = _memorization_unavailable(image_shape, reference, opts.memorization)
+            if reason:
+                self.skipped[MEMORIZATION] = reason
+            else:
+                self.extractors["pixels"] = EXTRACTORS["pixels"](image_shape)
+                memorization_spaces = {n: self.extractors[n] for n in ("pixels", "auditor", "inception", "dinov2")
+                                       if n in self.extractors}
         self.labelled_reference = reference.label_histogram is not None
         self.ref_sets: dict[str, dict] = {}
-        for extractor in (self.inception, self.auditor):
-            if extractor is None:
-                continue
-            key = cache_key(reference=reference.content_hash, extractor=extractor.name, **extractor.identity)
-            self.ref_sets[extractor.name] = _reference_features(
-                reference, extractor, key, opts, placement, self.device,
-                with_classes=bool(extractor.num_classes) and self.labelled_reference)
+        for name, extractor in self.extractors.items():
+            self.ref_sets[name] = reference_features(
+                reference, reference.content_hash, extractor, opts.batch_size, placement, self.device,
+                with_classes=bool(extractor.num_classes) and self.labelled_reference,
+                keep_features=name in memorization_spaces, everywhere=name in memorization_spaces, show=opts.progress)
+        self.memorization = None
+        if memorization_spaces:
+            self.memorization = MemorizationAudit(
+                memorization_spaces, {n: self.ref_sets[n]["features"] for n in memorization_spaces},
+                reference.content_hash, held_out, opts.memorization, opts.batch_size, placement, self.device,
+                opts.progress)
 
-    def score(self, generated: ImageSource, preview: Optional[list] = None) -> tuple[dict, dict, dict]:
+    def score(self, generated: ImageSource, preview: Optional[list] = None,
+              evidence: Optional[dict] = None) -> tuple[dict, dict, dict]:
         """(metrics, skipped, protocol) of one image source on rank 0 (other ranks get empty metrics).
-        ``preview`` collects the first 64 generated images this rank sees, for the sample grid."""
+        ``preview`` collects the first 64 generated images this rank sees, for the sample grid; ``evidence``
+        the memorisation audit's closest generated/training pairs."""
         opts, placement, wanted = self.opts, self.placement, self.wanted
-        inception, auditor = self.inception, self.auditor
         metrics: dict[str, Any] = {}
         skipped = dict(self.skipped)
         protocol: dict[str, Any] = {"num_samples": generated.num_images, "reference": self.reference.describe(),
-                                    "extractors": {}, "world_size": placement.world_size}
-        if inception is not None:
-            protocol["extractors"]["inception"] = inception.identity
+                                    "extractors": {n: e.identity for n, e in self.extractors.items()},
+                                    "world_size": placement.world_size}
+        if "inception" in self.extractors or "dinov2" in self.extractors:
             protocol["settings"] = {
                 "is_splits": opts.is_splits, "kid_subsets": opts.kid_subsets,
                 "kid_subset_size": min(opts.kid_subset_size, generated.num_images, self.reference.num_images),
                 "pr_neighborhood": opts.pr_neighborhood, "rng_seed": RNG_SEED}
-        if auditor is not None:
-            protocol["extractors"]["auditor"] = auditor.identity
+        if self.memorization is not None:
+            protocol["memorization"] = self.memorization.describe()
 
         # one pass over the generated images through every extractor
-        gen_inception = None if inception is None else FeatureSet(
-            inception.num_features, self.device, keep_features=bool(wanted & {KID, PR}),
-            num_logits=inception.num_logits if IS in wanted else 0)
-        gen_auditor = None if auditor is None else FeatureSet(
-            auditor.num_features, self.device, num_classes=auditor.num_classes, keep_requested=True)
+        memorized = set(self.memorization.spaces) if self.memorization else set()
+        vectors = bool(wanted & {KID, PR})  # KID and precision/recall need every vector, not only statistics
+        sets = {name: FeatureSet(
+            e, self.device, keep_features=name in memorized or (name in ("inception", "dinov2") and vectors),
+            keep_logits=name == "inception" and IS in wanted, num_classes=e.num_classes,
+            keep_requested=bool(e.num_classes)) for name, e in self.extractors.items()}
 
         def extract(images):
-            return (inception(images) if inception else None, auditor(images) if auditor else None)
+            return {name: e(images) for name, e in self.extractors.items()}
 
         def sink(batch, out):
             if preview is not None and sum(len(p) for p in preview) < 64:
                 preview.append(batch.images[:64 - sum(len(p) for p in preview)])
-            if gen_inception is not None:
-                gen_inception.update(batch.index, out[0][0], logits=out[0][1])
-            if gen_auditor is not None:
-                gen_auditor.update(batch.index, out[1][0], classes=out[1][1], requested=batch.labels)
+            for name, fs in sets.items():
+                fs.update(batch.index, out[name][0], extra=out[name][1], requested=batch.labels)
 
-        if inception is not None or auditor is not None:
-            _pass(generated, extract, sink, opts, placement, self.device, "generated images")
-        gen_sets = {name: fs.finalize() for name, fs in (("inception", gen_inception), ("auditor", gen_auditor))
-                    if fs is not None}
+        if self.extractors:
+            feature_pass(generated, extract, sink, opts.batch_size, placement, self.device, "generated images",
+                         opts.progress)
+        gen_sets = {name: fs.finalize() for name, fs in sets.items()}
+        if self.memorization is not None:
+            metrics[KEY_MEMORIZATION] = self.memorization.score(gen_sets, evidence)  # collective
         if not placement.is_main:
             return {}, skipped, protocol
 
-        if inception is not None:
+        if "inception" in gen_sets:
             metrics.update(_inception_metrics(gen_sets["inception"], self.ref_sets["inception"], wanted, opts,
                                               protocol["settings"], skipped))
-        if auditor is not None:
+        if "dinov2" in gen_sets:
+            g, r = gen_sets["dinov2"], self.ref_sets["dinov2"]
+            metrics[KEY_FD_DINOV2] = frechet_distance(g["stats"], r["stats"])
+            if PR in wanted:  # precision/recall in DINOv2's space too, under their own keys
+                metrics.update({f"{k}_dinov2": v for k, v in _precision_recall(g, r, opts, skipped).items()})
+        if "auditor" in gen_sets:
             metrics.update(self._auditor_metrics(gen_sets["auditor"], self.ref_sets["auditor"]))
         return metrics, skipped, protocol
 
     def _auditor_metrics(self, g: dict, r: dict) -> dict:
         out: dict[str, Any] = {}
-        auditor, reference = self.auditor, self.reference
-        assert auditor is not None
+        auditor, reference = self.extractors["auditor"], self.reference
+        assert isinstance(auditor, AuditorExtractor)
         if FD_AUDITOR in self.wanted:
             out[KEY_FD_AUDITOR] = frechet_distance(g["stats"], r["stats"])
         if AUDIT in self.wanted:
@@ -288,6 +223,17 @@ class Scorer:
         return out
 
 
+def _memorization_unavailable(image_shape: tuple[int, ...], reference: Reference,
+                              settings: MemorizationSettings) -> Optional[str]:
+    if tuple(reference.shape) != tuple(image_shape):
+        return (f"the generated images are {tuple(image_shape)} (C, H, W) but the training images "
+                f"{tuple(reference.shape)}: a pixel-space copy search needs one size")
+    if reference.num_images <= settings.neighbours:
+        return (f"the reference holds {reference.num_images} images; the copy score normalises by the "
+                f"{settings.neighbours} nearest, so it needs more than that")
+    return None
+
+
 def _inception_metrics(g: dict, r: dict, wanted: set, opts: ScoreOptions, settings: dict, skipped: dict) -> dict:
     out: dict[str, float] = {}
     if FID in wanted:
@@ -298,16 +244,23 @@ def _inception_metrics(g: dict, r: dict, wanted: set, opts: ScoreOptions, settin
     if KID in wanted:
         try_metrics.append((KID, lambda: kernel_inception_distance(g["features"], r["features"], opts.kid_subsets,
                                                                    settings["kid_subset_size"])))
-    if PR in wanted:
-        device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        try_metrics.append((PR, lambda: precision_recall(g["features"].to(device), r["features"].to(device),
-                                                         opts.pr_neighborhood)))
     for name, fn in try_metrics:
         try:
             out.update(fn())
         except ValueError as e:  # too few samples for the protocol: say so, never a made-up number
             skipped[name] = str(e)
+    if PR in wanted:
+        out.update(_precision_recall(g, r, opts, skipped))
     return out
+
+
+def _precision_recall(g: dict, r: dict, opts: ScoreOptions, skipped: dict) -> dict:
+    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return precision_recall(g["features"].to(device), r["features"].to(device), opts.pr_neighborhood)
+    except ValueError as e:  # too few samples for the protocol: say so, never a made-up number
+        skipped[PR] = str(e)
+        return {}
 
 
 def _auditor(image_shape: tuple[int, ...], reference: Reference, opts: ScoreOptions, placement: Placement, device: str):

@@ -38,12 +38,13 @@ __all__ = ["BenchmarkError", "ScoreOptions", "benchmark_run", "benchmark_images"
 
 def aggregate(draws: list[Any]) -> tuple[Any, Any]:
     """(mean, standard deviation) over repeated draws of the same metrics structure, recursively:
-    numbers are averaged, lists element-wise; a value missing (None) in any draw stays None."""
+    numbers are averaged, lists of numbers element-wise; a value missing (None) in any draw stays None, and so
+    do lists of records (the closest pairs of a memorisation audit) that differ between draws."""
     first = draws[0]
     if isinstance(first, dict):
         by_key = {k: aggregate([d.get(k) for d in draws]) for k in first}
         return {k: m for k, (m, _) in by_key.items()}, {k: s for k, (_, s) in by_key.items() if s is not None}
-    if isinstance(first, (list, tuple)) and first and not isinstance(first[0], str):
+    if isinstance(first, (list, tuple)) and first and not isinstance(first[0], (str, dict)):
         by_item = [aggregate([d[i] for d in draws]) for i in range(len(first))]
         return [m for m, _ in by_item], [s for _, s in by_item]
     if isinstance(first, bool) or not isinstance(first, (int, float)) or any(d is None for d in draws):
@@ -93,40 +94,53 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
 
 def _evaluate(scorer: Scorer, sources: list) -> tuple:
     """Score each source with one scorer; returns (metrics, metrics_std, per-draw metrics, skipped, protocol,
-    preview of the first source). With one source, std and draws are None."""
+    evidence of the first source: its preview images and closest training pairs). With one source, std and
+    draws are None."""
     draws: list = []
-    preview: list = []
+    evidence: dict = {"preview": []}
     skipped: dict = {}
     protocol: dict = {}
     for i, source in enumerate(sources):
-        metrics, skipped, protocol = scorer.score(source, preview if i == 0 else None)
+        metrics, skipped, protocol = scorer.score(source, evidence["preview"] if i == 0 else None,
+                                                  evidence if i == 0 else None)
         draws.append(metrics)
     if len(draws) == 1:
-        return draws[0], None, None, skipped, protocol, preview
+        return draws[0], None, None, skipped, protocol, evidence
     mean, std = aggregate(draws)
-    return mean, std, draws, skipped, protocol, preview
+    return mean, std, draws, skipped, protocol, evidence
 
 
 def _protocol_id(protocol: dict) -> str:
     """What makes two records comparable: data identity, extractors, settings; not paths or world size."""
     extractors = {k: {f: v for f, v in e.items() if f != "val_accuracy"} for k, e in protocol["extractors"].items()}
+    memorization = protocol.get("memorization")
+    if memorization:  # its settings and held-out set, not the held-out set's path
+        memorization = {**memorization, "held_out": (memorization.get("held_out") or {}).get("hash")}
     return cache_key(num_samples=protocol["num_samples"], seed=protocol.get("seed"), repeats=protocol.get("repeats", 1),
-                     reference=protocol["reference"]["hash"], extractors=extractors, settings=protocol.get("settings"))
+                     reference=protocol["reference"]["hash"], extractors=extractors, settings=protocol.get("settings"),
+                     memorization=memorization)
 
 
 def _write_record(results: Path, name: str, placement: Placement, metrics: dict, std: Optional[dict],
-                  draws: Optional[list], skipped: dict, protocol: dict, preview: list, **fields: Any) -> Optional[Path]:
+                  draws: Optional[list], skipped: dict, protocol: dict, evidence: dict,
+                  **fields: Any) -> Optional[Path]:
     if not placement.is_main:
         return None
     protocol["protocol_id"] = _protocol_id(protocol)
-    grid = None
-    if preview:
-        images = torch.cat(preview)[:64]
+    grid = pairs = None
+    if evidence["preview"]:
+        images = torch.cat(evidence["preview"])[:64]
         grid = save_png(_grid(images), results / "grids" / f"{name}.png", scale=max(1, 128 // images.shape[-1]))
+    if evidence.get("images") is not None:
+        # each row: a generated image, then its nearest training image; closest pair first
+        images = evidence["images"]
+        pairs = save_png(_grid(images, nrow=2), results / "grids" / f"{name}-closest.png",
+                         scale=max(1, 64 // images.shape[-1]))
     record = {"record_version": RECORD_VERSION, "name": name, "created": now(), **fields,
               "metrics": metrics, "skipped": skipped, "protocol": protocol,
               "benchmark_environment": describe_environment(),
-              "sample_grid": None if grid is None else str(grid.relative_to(results))}
+              "sample_grid": None if grid is None else str(grid.relative_to(results)),
+              "closest_pairs_grid": None if pairs is None else str(pairs.relative_to(results))}
     if std is not None:
         record["metrics_std"], record["repeats"] = std, draws
     return write_new_json(results / f"{name}.json", record)
@@ -165,15 +179,15 @@ def benchmark_run(run_dir: str | os.PathLike, num_samples: Optional[int] = None,
         sources = [ModelSamples(model, num_samples, s, precision) for s in range(seed, seed + repeats)]
     except ValueError as e:
         raise BenchmarkError(f"{e} (--sample-precision or the run's benchmark.sample_precision)") from e
-    scorer = Scorer(reference, opts, placement, sources[0].shape)
-    metrics_, std, draws, skipped, protocol, preview = _evaluate(scorer, sources)
+    scorer = Scorer(reference, opts, placement, sources[0].shape, held_out=held_out_split(reference))
+    metrics_, std, draws, skipped, protocol, evidence = _evaluate(scorer, sources)
     protocol.update(seed=seed, repeats=repeats, sampling={k: v for k, v in sources[0].describe().items()
                                                          if k in ("precision", "compiled")})
     seconds = sum(s.sampling_seconds for s in sources)
     cost = model.cost()
     return _write_record(
         results_dir, _record_name(run_dir.name, num_samples, seed), placement, metrics_, std, draws, skipped, protocol,
-        preview, run_id=run_dir.name, run_dir=str(run_dir), family=model.family, conditional=model.conditional,
+        evidence, run_id=run_dir.name, run_dir=str(run_dir), family=model.family, conditional=model.conditional,
         provenance={k: run_info.get(k) for k in ("config_hash", "git", "packages", "data", "seed", "hardware",
                                                  "world_size", "status")},
         cost={"parameters": cost["parameters"], "nfe": cost["nfe"], "bits_per_dim": cost["bits_per_dim"],
@@ -181,6 +195,18 @@ def benchmark_run(run_dir: str | os.PathLike, num_samples: Optional[int] = None,
               # training progress of the weights that were scored, read from their checkpoint
               "device_hours": run_info.get("device_hours"), "images_seen": progress["images_seen"],
               "global_step": progress["global_step"]})
+
+
+def held_out_split(reference) -> Optional[ShardImages]:
+    """The val split beside a shard reference's train split (the memorisation audit's "never seen" baseline);
+    None for a folder or a shard directory without one."""
+    if not isinstance(reference, ShardImages) or reference.split != "train":
+        return None
+    try:
+        val = ShardImages(reference.shards, "val")
+    except ImageSourceError:
+        return None
+    return val if val.num_images else None
 
 
 def open_reference(path: str, split: str = "train"):
@@ -203,11 +229,12 @@ def benchmark_images(images: str, reference: str, labels: Optional[str] = None, 
         source = open_images(images, channels=ref.shape[0], labels=labels, class_names=ref.class_names)
     except ImageSourceError as e:
         raise BenchmarkError(f"--images: {e}") from e
-    metrics, std, draws, skipped, protocol, preview = _evaluate(Scorer(ref, opts, placement, source.shape), [source])
+    scorer = Scorer(ref, opts, placement, source.shape, held_out=held_out_split(ref))
+    metrics, std, draws, skipped, protocol, evidence = _evaluate(scorer, [source])
     protocol.update(seed=None, repeats=1, images=source.describe())
     name = name or Path(images).resolve().name
     return _write_record(results_dir, _record_name(name, source.num_images, None), placement, metrics, std, draws,
-                         skipped, protocol, preview, run_id=name, run_dir=None, family="external",
+                         skipped, protocol, evidence, run_id=name, run_dir=None, family="external",
                          conditional=labels is not None, provenance={"images": str(images), "labels": labels}, cost={})
 
 
@@ -218,24 +245,24 @@ def benchmark_reference_rows(shards: str, num_samples: int, seed: int = 0, resul
     opts = opts or ScoreOptions()
     out = []
     ref = open_reference(shards)
-    scorer = Scorer(ref, opts, placement, ref.shape)  # one reference pass for both rows
     val = ShardImages(shards, "val")
+    scorer = Scorer(ref, opts, placement, ref.shape, held_out=val)  # one reference pass for both rows
     noise = UniformNoise(num_samples, ref.shape, seed)
     for run_id, row, source, s in ((FLOOR, "floor", val, None), (CEILING, "ceiling", noise, seed)):
-        metrics, std, draws, skipped, protocol, preview = _evaluate(scorer, [source])
+        metrics, std, draws, skipped, protocol, evidence = _evaluate(scorer, [source])
         protocol.update(seed=s, repeats=1, images=source.describe())
         path = _write_record(Path(results), _record_name(row, source.num_images, s), placement, metrics, std, draws,
-                             skipped, protocol, preview, run_id=run_id, run_dir=None, family="reference",
+                             skipped, protocol, evidence, run_id=run_id, run_dir=None, family="reference",
                              conditional=False, reference_row=row, provenance={"images": source.describe()}, cost={})
         if path:
             out.append(path)
     return out
 
 
-def _grid(images: torch.Tensor, n: int = 64) -> torch.Tensor:
+def _grid(images: torch.Tensor, n: int = 64, nrow: int = 8) -> torch.Tensor:
     from torchvision.utils import make_grid
 
-    return make_grid(images[:n], nrow=8, padding=1)
+    return make_grid(images[:n], nrow=nrow, padding=1)
 
 
 def check_writable(results: Path) -> None:

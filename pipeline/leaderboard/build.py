@@ -14,9 +14,10 @@ from pipeline.leaderboard.table import COLUMNS, ranked_rows, ranks
 from pipeline.leaderboard.text import render_csv, render_markdown
 
 
-def build(results: str | Path, out: str | Path, wandb: str = "auto") -> Optional[Path]:
-    """Write leaderboard.md, .csv and .html into ``out``; returns the markdown path (None if no records)."""
-    rows, metric = ranked_rows(results)
+def build(results: str | Path, out: str | Path, wandb: str = "auto", sort: Optional[str] = None) -> Optional[Path]:
+    """Write leaderboard.md, .csv and .html into ``out``, ranked by ``sort`` (default: the primary metric);
+    returns the markdown path (None if no records)."""
+    rows, metric = ranked_rows(results, sort)
     if not rows:
         return None
     out = Path(out)

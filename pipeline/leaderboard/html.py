@@ -26,9 +26,11 @@ from pipeline.leaderboard.table import (
     skipped_by_reason,
     used_columns,
 )
+from pipeline.metrics import KEY_MEMORIZATION
 
 # shown unfolded when present: the fidelity metrics and the budget; the rest behind "all columns"
-MAIN_COLUMNS = ("fid", "is", "kid", "precision", "recall", "fd_auditor", "images_seen", "num_samples")
+MAIN_COLUMNS = ("fid", "is", "kid", "precision", "recall", "fd_dinov2", "fd_auditor", "memorization", "images_seen",
+                "num_samples")
 
 _SCRIPT = """
 document.querySelectorAll('th[data-col]').forEach(th => th.addEventListener('click', () => {
@@ -62,6 +64,7 @@ tr.ref { color: #777; font-style: italic; } td.num { text-align: right; font-var
 button { font-size: 12px; margin: 6px 0; }
 .grids { display: flex; flex-wrap: wrap; gap: 18px; }
 .grids figure { margin: 0; width: 300px; } .grids figcaption { font-size: 12px; margin-top: 4px; }
+img.grid.pairs { width: 90px; }
 img.grid { width: 300px; image-rendering: pixelated; cursor: zoom-in; border: 1px solid #ccc; }
 img.grid.zoom { position: fixed; top: 2vh; left: 50%; transform: translateX(-50%); width: auto; height: 96vh;
                 z-index: 10; cursor: zoom-out; background: #fff; box-shadow: 0 0 0 100vmax rgba(0,0,0,.6); }
@@ -203,14 +206,42 @@ def _grids(rows: list[dict], metric: str) -> str:
             f'show real held-out images and noise.</p><div class="grids">{"".join(figures)}</div>')
 
 
+def _closest_pairs(rows: list[dict]) -> str:
+    """The memorisation audit's evidence: per row, its generated images closest to a training image, each beside
+    that training image, so a reader judges "copy or not" with their own eyes."""
+    figures = []
+    for index, r in enumerate(rows):
+        uri = _data_uri(Path(r["_file"]).parent / r["closest_pairs_grid"]) if r.get("closest_pairs_grid") else None
+        if uri is None:
+            continue
+        m = r["metrics"].get(KEY_MEMORIZATION, {})
+        caption = (f"copy rate {format_cell(r, column(KEY_MEMORIZATION))}, "
+                   f"AuthPct {format_cell(r, column('authpct'))}, "
+                   f"C_T {format_cell(r, column('ct_score')) or '–'} ({m.get('space', '')})")
+        figures.append(f'<figure id="closest-{index}"><img class="grid pairs" src="{uri}" '
+                       f'alt="closest pairs of {html.escape(r["run_id"])}"><figcaption>{_breakable(r["run_id"])}<br>'
+                       f'{html.escape(caption)}</figcaption></figure>')
+    if not figures:
+        return ""
+    return ('<h2>Memorisation: closest pairs</h2><p>Per row, the generated images nearest to a training image '
+            '(left), each beside that training image (right), closest first. <b>memorization</b> is the fraction of '
+            'generated images that are near-copies: the nearest training image much closer than the other near ones '
+            '(Carlini et al.\'s normalised distance under the threshold in the protocol, in pixels with a one-pixel '
+            'shift tolerance); the held-out row shows what fresh data scores. AuthPct: % of generated images farther '
+            'from their nearest training image than that image is from its own nearest neighbour. '
+            'C_T: below about -3, closer to the training set than fresh data (copying); above +3, farther '
+            f'(underfitting).</p><div class="grids">{"".join(figures)}</div>')
+
+
 def _scatter(rows: list[dict], metric: str, x_of: Callable[[dict], Any], x_label: str, width: int = 560,
              height: int = 340) -> str:
     """SVG scatter of ``metric`` against a positive x on a log axis; reference rows as dashed lines. The y axis
     turns logarithmic when the values span more than 20x (the noise ceiling would flatten every model), and the
     points carry numbers with a legend below, so long run names never overlap."""
-    points = [(x_of(r), r["metrics"].get(metric), r["run_id"]) for r in rows if not is_reference_row(r)]
+    value = column(metric).value
+    points = [(x_of(r), value(r), r["run_id"]) for r in rows if not is_reference_row(r)]
     points = [(x, y, n) for x, y, n in points if isinstance(x, (int, float)) and x > 0 and y is not None]
-    refs = [(r["metrics"].get(metric), r["run_id"]) for r in rows if is_reference_row(r) and metric in r["metrics"]]
+    refs = [(value(r), r["run_id"]) for r in rows if is_reference_row(r) and value(r) is not None]
     title = f"{metric} vs {x_label}"
     if not points:
         return f"<figure><figcaption>{html.escape(title)}: no rows with both values</figcaption></figure>"
@@ -272,6 +303,7 @@ budget than most (hover for which).</p>
 {_table(rows, metric, ranks, out)}
 {_skipped(rows)}
 {_grids(rows, metric)}
+{_closest_pairs(rows)}
 <h2>Plots</h2><div class="plots">{plots}</div>
 <script>{_SCRIPT}</script></body></html>
 """

@@ -11,7 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.metrics import KEY_AUDIT, KEY_FD_AUDITOR, KEY_FID, KEY_IS_MEAN, KEY_KID_MEAN, KEY_PRECISION, KEY_RECALL
+from pipeline.metrics import (
+    KEY_AUDIT,
+    KEY_FD_AUDITOR,
+    KEY_FD_DINOV2,
+    KEY_FID,
+    KEY_IS_MEAN,
+    KEY_KID_MEAN,
+    KEY_MEMORIZATION,
+    KEY_PRECISION,
+    KEY_RECALL,
+)
 
 
 @dataclass(frozen=True)
@@ -48,7 +58,13 @@ COLUMNS = [
     Column("kid", ("metrics", KEY_KID_MEAN), "{:.5f}", True, True),
     Column(KEY_PRECISION, ("metrics", KEY_PRECISION), "{:.3f}", True, False),
     Column(KEY_RECALL, ("metrics", KEY_RECALL), "{:.3f}", True, False),
+    Column(KEY_FD_DINOV2, ("metrics", KEY_FD_DINOV2), "{:.2f}", True, True),
     Column(KEY_FD_AUDITOR, ("metrics", KEY_FD_AUDITOR), "{:.4f}", True, True),
+    # the fraction of generated images that are near-copies of a training image (pixel space, docs/benchmark.md)
+    Column(KEY_MEMORIZATION, ("metrics", KEY_MEMORIZATION, "copy_rate"), "{:.3f}", True, True),
+    Column("authpct", ("metrics", KEY_MEMORIZATION, "authpct"), "{:.1f}", True, False),
+    # C_T has no better direction: strongly negative is copying, strongly positive underfitting, 0 is fresh data
+    Column("ct_score", ("metrics", KEY_MEMORIZATION, "ct_score"), "{:.2f}", True),
     Column("kl_to_reference", ("metrics", KEY_AUDIT, "kl_to_reference"), "{:.4f}", True, True),
     Column("tv_to_reference", ("metrics", KEY_AUDIT, "tv_to_reference"), "{:.4f}", True, True),
     Column("fairness_discrepancy", ("metrics", KEY_AUDIT, "fairness_discrepancy"), "{:.4f}", True, True),
@@ -131,12 +147,19 @@ def direction(metric: str) -> str:
     return "lower is better" if column(metric).lower_is_better else "higher is better"
 
 
-def ranked_rows(results: str | Path) -> tuple[list[dict], str]:
-    """The newest record per (run, protocol), best first on the primary metric; rows without it last."""
+SORTABLE = [c.header for c in COLUMNS if c.has_std and c.lower_is_better is not None]
+
+
+def ranked_rows(results: str | Path, sort: Optional[str] = None) -> tuple[list[dict], str]:
+    """The newest record per (run, protocol), best first on ``sort`` (default: the primary metric); rows
+    without it last."""
     rows = latest_per_protocol(load_records(results))
-    metric = primary_metric(rows)
-    sign = 1.0 if column(metric).lower_is_better else -1.0
-    rows.sort(key=lambda r: (r["metrics"].get(metric) is None, sign * r["metrics"].get(metric, 0.0)))
+    if sort is not None and sort not in SORTABLE:
+        raise ValueError(f"--sort {sort!r}: choose one of {', '.join(SORTABLE)}")
+    metric = sort or primary_metric(rows)
+    c = column(metric)
+    sign = 1.0 if c.lower_is_better else -1.0
+    rows.sort(key=lambda r: (c.value(r) is None, sign * (c.value(r) or 0.0)))
     return rows, metric
 
 

@@ -4,6 +4,7 @@ scores of one record after ``genbench benchmark``."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from pipeline.leaderboard.table import (
     COLUMNS,
@@ -17,8 +18,8 @@ from pipeline.leaderboard.table import (
 )
 
 # what one record's summary shows, when the record has it
-SUMMARY_COLUMNS = ("fid", "is", "kid", "precision", "recall", "fd_auditor", "kl_to_reference", "coverage",
-                   "conditional_accuracy")
+SUMMARY_COLUMNS = ("fid", "is", "kid", "precision", "recall", "fd_dinov2", "fd_auditor", "kl_to_reference",
+                   "coverage", "conditional_accuracy", "memorization", "ct_score")
 
 
 def record_summary(record: dict) -> str:
@@ -32,10 +33,10 @@ def record_summary(record: dict) -> str:
     return "\n".join(lines)
 
 
-def ranked_summary(results: str | Path, out: str | Path, top: int = 10) -> str:
+def ranked_summary(results: str | Path, out: str | Path, top: int = 10, sort: Optional[str] = None) -> str:
     """The ranked table in a few lines: rank, run, family, the primary metric, N; the best model named; the
     paths of the markdown and HTML reports."""
-    rows, metric = ranked_rows(results)
+    rows, metric = ranked_rows(results, sort)
     if not rows:
         return f"no result records in {results}"
     primary = column(metric)
@@ -48,7 +49,7 @@ def ranked_summary(results: str | Path, out: str | Path, top: int = 10) -> str:
                      f"{format_cell(r, primary):>12}  {'' if n is None else f'{n:,}':>7}")
     if len(rows) > top:
         lines.append(f"      ... {len(rows) - top} more rows in the reports")
-    models = [r for r in rows if not is_reference_row(r) and r["metrics"].get(metric) is not None]
+    models = [r for r in rows if not is_reference_row(r) and primary.value(r) is not None]
     if models:
         lines.append(f"best: {models[0]['run_id']} ({models[0].get('family')}), {metric} "
                      f"{format_cell(models[0], primary)} ({direction(metric)})")

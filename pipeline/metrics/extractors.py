@@ -6,12 +6,13 @@ no new branch.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from pipeline.io import sha256_file
 from pipeline.metrics.auditor import load_auditor
+from pipeline.metrics.dinov2 import DINOV2_RESIZE, DINOv2Features
 from pipeline.metrics.features import (
     INCEPTION_FEATURES,
     INCEPTION_LOGITS,
@@ -30,7 +31,10 @@ class FeatureExtractor:
         num_features: length of the feature vectors (their Fréchet statistics are always accumulated).
         num_logits: length of the extra output when it is logits (the Inception Score's); 0 otherwise.
         num_classes: classes when the extra output is a predicted class per image (the auditor's); 0 otherwise.
-        keep_features: whether the metrics need every feature vector, not only their statistics (KID, PR).
+        keep_features: whether the metrics need every feature vector, not only their statistics (KID, PR);
+            the memorisation audit keeps them in every space it searches.
+        statistics: whether Fréchet statistics (mean, covariance) of the features are accumulated.
+        feature_dtype: of the kept vectors (pixels stay uint8: a quarter of the memory of float32).
         identity: everything that changes the features (weights hash, resize, precision): recorded in the
             protocol and part of the reference cache's key.
     """
@@ -40,9 +44,11 @@ class FeatureExtractor:
     num_logits = 0
     num_classes = 0
     keep_features = False
+    statistics = True
+    feature_dtype = torch.float32
     identity: dict[str, Any]
 
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         raise NotImplementedError
 
 
@@ -92,3 +98,43 @@ class AuditorExtractor(FeatureExtractor):
         with torch.no_grad():
             features, logits = self.net(images)
         return features.float(), logits.argmax(1)
+
+
+@EXTRACTORS.register()
+class DINOv2Extractor(FeatureExtractor):
+    """DINOv2 ViT-L/14 CLS features: FD-DINOv2, and precision/recall and memorisation distances in that space."""
+
+    name = "dinov2"
+    keep_features = True
+
+    def __init__(self, weights: Path, device: str, allow_tf32: bool = False) -> None:
+        self.net = DINOv2Features(weights).to(device)
+        self.num_features = self.net.num_features
+        self.allow_tf32 = allow_tf32
+        self.identity = {"name": "dinov2-vitl14", "weights_sha256": self.net.weights_sha256, "resize": DINOV2_RESIZE,
+                         "features": "CLS token after the final norm (1024)", "normalisation": "ImageNet mean/std",
+                         "precision": "TF32 allowed" if allow_tf32 else "fp32 (TF32 off)"}
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, None]:
+        with torch.no_grad(), strict_fp32(not self.allow_tf32):
+            return self.net(images).float(), None
+
+
+@EXTRACTORS.register()
+class PixelExtractor(FeatureExtractor):
+    """The images themselves, flattened (uint8): the memorisation audit's pixel space, where a copy is a copy
+    whatever a feature network thinks of it. No Fréchet statistics (a 3072-d covariance per 32 px set says
+    nothing FID does not)."""
+
+    name = "pixels"
+    keep_features = True
+    statistics = False
+    feature_dtype = torch.uint8
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = tuple(shape)
+        self.num_features = int(torch.Size(self.shape).numel())
+        self.identity = {"space": "pixels", "shape": list(self.shape), "scale": "[0, 1] (uint8 / 255)"}
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return images.flatten(1), None
