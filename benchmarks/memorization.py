@@ -129,7 +129,9 @@ def calibration() -> dict:
         shards = Path(tmp) / "digits"
         write_shards(DigitsSource(), shards, val_fraction=0.1, seed=0, progress=False)
         train, val = (torch.cat([b.images for b in ShardImages(shards, s).batches(500)]) for s in ("train", "val"))
-        auditor = AuditorExtractor(train_auditor(str(shards), epochs=10, progress=False), "cpu")
+        # its own file: the cached auditor of a shard directory with the same content stays as it was
+        auditor = AuditorExtractor(train_auditor(str(shards), epochs=10, out=Path(tmp) / "auditor.ckpt",
+                                                 progress=False), "cpu")
     g = torch.Generator().manual_seed(0)
     noisy = (train.float() + torch.randn(train.shape, generator=g) * 0.05 * 255).clamp(0, 255).round().to(torch.uint8)
     right, left = torch.roll(train, 1, dims=-1), torch.roll(train, -1, dims=-1)

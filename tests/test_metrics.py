@@ -218,3 +218,69 @@ def test_precision_recall_against_numpy_knn():
     assert 0 < ours["precision"] < 1 and 0 < ours["recall"] < 1
     itself = precision_recall(torch.from_numpy(ref), torch.from_numpy(ref))
     assert itself["precision"] == 1 and itself["recall"] == 1
+
+
+# --- FD-infinity -------------------------------------------------------------------------------------------------
+
+def _fd_infinity_dgm_eval(x: np.ndarray, mu_r: np.ndarray, sigma_r: np.ndarray, seed: int) -> float:
+    """dgm-eval's compute_FD_infinity with its FD (scipy's sqrtm) and sklearn's regression, on the subsets our
+    seeded generator draws (dgm-eval draws unseeded ones)."""
+    from scipy import linalg
+    from sklearn.linear_model import LinearRegression
+
+    sizes = np.linspace(min(5000, max(len(x) // 10, 2)), len(x), 15).astype("int32")
+    rng = np.random.default_rng(seed)
+    fds = []
+    for size in sizes:
+        sub = x[rng.choice(len(x), size, replace=False)]
+        mu, sigma = sub.mean(0), np.cov(sub, rowvar=False)
+        covmean = linalg.sqrtm(sigma.dot(sigma_r)).real
+        fds.append((mu - mu_r) @ (mu - mu_r) + np.trace(sigma) + np.trace(sigma_r) - 2 * np.trace(covmean))
+    reg = LinearRegression().fit(1 / sizes.reshape(-1, 1), np.array(fds).reshape(-1, 1))
+    return float(reg.predict(np.array([[0]]))[0, 0])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fd_infinity_recovers_the_true_distance_where_plain_fd_is_biased(seed):
+    """Gaussians of known distance (32-d, covariance 2I against I: FD = 32 (sqrt 2 - 1)^2 = 5.49): FD-infinity
+    from N = 500, 1000, 2000 samples is within 5% of it, as dgm-eval's procedure computes it; the plain FD at
+    N = 500 is off by more than 5%."""
+    from pipeline.metrics.frechet import FD_INF_SEED, fd_infinity
+
+    d = 32
+    reference = {"mu": np.zeros(d), "sigma": np.eye(d)}
+    truth = d * (np.sqrt(2) - 1) ** 2
+    assert frechet_distance({"mu": np.zeros(d), "sigma": 2 * np.eye(d)}, reference) == pytest.approx(truth, rel=1e-9)
+    rng = np.random.default_rng(seed)
+    for n in (500, 1000, 2000):
+        x = rng.normal(size=(n, d)) * np.sqrt(2)
+        ours = fd_infinity(torch.from_numpy(x), reference)
+        assert ours == pytest.approx(_fd_infinity_dgm_eval(x, reference["mu"], reference["sigma"], FD_INF_SEED),
+                                     rel=1e-6)
+        assert ours == pytest.approx(truth, rel=0.05), n
+        if n == 500:
+            plain = frechet_distance({"mu": x.mean(0), "sigma": np.cov(x, rowvar=False)}, reference)
+            assert abs(plain / truth - 1) > 0.05
+
+
+def test_fd_infinity_refuses_subsets_smaller_than_the_feature_dimension():
+    from pipeline.metrics.frechet import fd_infinity
+
+    x = torch.randn(300, 64, dtype=torch.float64)  # smallest subset 30 < 64 dimensions
+    with pytest.raises(ValueError, match="needs at least 640 samples"):
+        fd_infinity(x, {"mu": np.zeros(64), "sigma": np.eye(64)})
+
+
+def test_per_class_fd_is_left_empty_below_the_minimum_count_with_the_reason():
+    a = _features(400, 4, seed=1)
+    ref = _stats(a, 100).compute()
+    many, few = _features(120, 4, shift=1.0, seed=2), _features(20, 4, shift=1.0, seed=3)
+    features = torch.from_numpy(np.concatenate([many, few, many]))
+    predicted = torch.tensor([0] * 120 + [1] * 20 + [2] * 120)
+    out = per_class_fd([_stats(many, 40).compute(), _stats(few, 20).compute(), _stats(many, 40).compute()],
+                       [ref, ref, ref], ["x", "y", "z"], features, predicted, min_count=50)
+    assert out["per_class"]["y"] is None and out["per_class_inf"]["y"] is None
+    assert "20 generated" in out["skipped"]["y"] and "needs 50" in out["skipped"]["y"]
+    assert out["per_class"]["x"] == pytest.approx(_reference_fd(many, a), rel=1e-6)
+    assert out["per_class_inf"]["x"] is not None and out["worst_to_best_from"] == "fd_infinity"
+    assert out["worst_to_best"] == pytest.approx(1.0)  # x and z hold the same images

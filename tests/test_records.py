@@ -79,7 +79,8 @@ def test_leaderboard_sorts_by_fid_when_every_row_has_it_else_fd_auditor(tmp_path
     order = [l.split("|")[2].strip() for l in text.splitlines() if l.startswith("| ") and l[2].isdigit()]
     assert order == ["a", "c", "b"]
     csv_rows = (tmp_path / "board" / "leaderboard.csv").read_text().splitlines()
-    assert csv_rows[0].startswith("rank,run,family,fid,is,kid,precision,recall,fd_dinov2,fd_auditor")
+    assert csv_rows[0].startswith("rank,run,family,fid,fid_inf,is,kid,precision,recall,fd_dinov2,fd_dinov2_inf,"
+                                  "fd_auditor")
     assert len(csv_rows) == 4
 
 
@@ -121,3 +122,22 @@ def test_benchmark_of_a_directory_without_checkpoint_says_how_to_train_it(tmp_pa
         benchmark_run(tmp_path / "run")
     with pytest.raises(BenchmarkError, match="not a genbench run directory"):
         benchmark_run(tmp_path)
+
+
+def test_rows_of_different_sample_counts_are_ranked_by_fd_infinity_never_by_a_biased_metric(tmp_path):
+    """The floor-versus-models problem: FD is biased upward at small N, so once the model rows differ in N the
+    ranking uses FD-infinity, says why, and refuses to sort by a metric N biases."""
+    results = tmp_path / "results"
+    for run, fd, fd_inf, n in (("small-n", 0.9, 0.5, 200), ("large-n", 0.7, 0.6, 2000)):
+        record = _record(run, fd=fd)
+        record["metrics"]["fd_auditor_inf"] = fd_inf
+        record["metrics"]["audit"] = {"conditional_accuracy": 0.9 if run == "small-n" else 0.8}
+        record["protocol"]["num_samples"] = n
+        write_new_json(results / f"{run}.json", record)
+    text = leaderboard.build(results, tmp_path / "board").read_text()
+    order = [l.split("|")[2].strip() for l in text.splitlines() if l.startswith("| ") and l[2].isdigit()]
+    assert order == ["small-n", "large-n"]  # by fd_auditor alone the order would be the reverse
+    assert "Sorted by `fd_auditor_inf`" in text and "different sample counts (200, 2,000)" in text
+    with pytest.raises(ValueError, match="--sort fd_auditor: .*different sample counts .*fd_auditor_inf"):
+        leaderboard.build(results, tmp_path / "board", sort="fd_auditor")
+    assert leaderboard.build(results, tmp_path / "board", sort="conditional_accuracy")  # a mean: N-fair

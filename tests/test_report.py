@@ -63,7 +63,7 @@ def _record(results: Path, run: str, family: str, fd: float, n: int = 1000, imag
         save_png(pairs, results / "grids" / f"{run}-closest.png", scale=4)
     record = {
         "record_version": 2, "name": run, "created": "2026-11-30T00:00:00", "run_id": run, "family": family,
-        "metrics": {"fd_auditor": fd, "audit": {"kl_to_reference": fd / 10, "coverage": 1.0,
+        "metrics": {"fd_auditor": fd, "fd_auditor_inf": 0.9 * fd, "audit": {"kl_to_reference": fd / 10, "coverage": 1.0,
                                                 "fairness_discrepancy": 0.05}},
         "skipped": skipped if skipped is not None else {"fid": NO_WEIGHTS, "is": NO_WEIGHTS},
         "protocol": {"protocol_id": "p1", "num_samples": n, "seed": 0, "repeats": 1,
@@ -111,8 +111,10 @@ def test_the_report_fits_1400_px_sorts_shows_its_grids_and_explains_what_is_miss
         return [row.find_elements(By.TAG_NAME, "td")[index].get_attribute("data-v")
                 for row in browser.find_elements(By.CSS_SELECTOR, "#board tbody tr")]
 
+    # one row was scored on N=500, the others on 1,000: ranked by FD-infinity, which N does not bias, and said so
     headers = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#board th")]
-    primary = headers.index("fd_auditor ↓")
+    primary = headers.index("fd_auditor_inf ↓")
+    assert "different sample counts (500, 1,000)" in browser.find_element(By.TAG_NAME, "body").text
     ranked = [float(v) for v in column_values(primary)]
     assert ranked == sorted(ranked)
     header = browser.find_elements(By.CSS_SELECTOR, "#board th")[primary]

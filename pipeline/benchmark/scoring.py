@@ -30,8 +30,11 @@ from pipeline.metrics import (
     IS,
     KEY_AUDIT,
     KEY_FD_AUDITOR,
+    KEY_FD_AUDITOR_INF,
     KEY_FD_DINOV2,
+    KEY_FD_DINOV2_INF,
     KEY_FID,
+    KEY_FID_INF,
     KEY_MEMORIZATION,
     KID,
     MEMORIZATION,
@@ -50,6 +53,7 @@ from pipeline.metrics.fidelity import (
     kernel_inception_distance,
     precision_recall,
 )
+from pipeline.metrics.frechet import fd_infinity
 from pipeline.metrics.memorization import MemorizationSettings
 
 __all__ = ["BenchmarkError", "ScoreOptions", "Scorer", "cache_key", "parse_metrics"]
@@ -166,9 +170,11 @@ class Scorer:
 
         # one pass over the generated images through every extractor
         memorized = set(self.memorization.spaces) if self.memorization else set()
-        vectors = bool(wanted & {KID, PR})  # KID and precision/recall need every vector, not only statistics
+        # KID, precision/recall and FD-infinity need every vector, not only statistics
+        vectors = {"inception": bool(wanted & {FID, KID, PR}), "dinov2": True, "auditor": FD_AUDITOR in wanted
+                   or (AUDIT in wanted and self.labelled_reference)}
         sets = {name: FeatureSet(
-            e, self.device, keep_features=name in memorized or (name in ("inception", "dinov2") and vectors),
+            e, self.device, keep_features=name in memorized or vectors.get(name, False),
             keep_logits=name == "inception" and IS in wanted, num_classes=e.num_classes,
             keep_requested=bool(e.num_classes)) for name, e in self.extractors.items()}
 
@@ -196,18 +202,20 @@ class Scorer:
         if "dinov2" in gen_sets:
             g, r = gen_sets["dinov2"], self.ref_sets["dinov2"]
             metrics[KEY_FD_DINOV2] = frechet_distance(g["stats"], r["stats"])
+            metrics.update(_fd_infinity(KEY_FD_DINOV2_INF, g, r, skipped))
             if PR in wanted:  # precision/recall in DINOv2's space too, under their own keys
                 metrics.update({f"{k}_dinov2": v for k, v in _precision_recall(g, r, opts, skipped).items()})
         if "auditor" in gen_sets:
-            metrics.update(self._auditor_metrics(gen_sets["auditor"], self.ref_sets["auditor"]))
+            metrics.update(self._auditor_metrics(gen_sets["auditor"], self.ref_sets["auditor"], skipped))
         return metrics, skipped, protocol
 
-    def _auditor_metrics(self, g: dict, r: dict) -> dict:
+    def _auditor_metrics(self, g: dict, r: dict, skipped: dict) -> dict:
         out: dict[str, Any] = {}
         auditor, reference = self.extractors["auditor"], self.reference
         assert isinstance(auditor, AuditorExtractor)
         if FD_AUDITOR in self.wanted:
             out[KEY_FD_AUDITOR] = frechet_distance(g["stats"], r["stats"])
+            out.update(_fd_infinity(KEY_FD_AUDITOR_INF, g, r, skipped))
         if AUDIT in self.wanted:
             predictions = g["classes"].numpy()
             requested = None if g["requested"] is None else g["requested"].numpy()
@@ -218,7 +226,8 @@ class Scorer:
             result = audit(histogram(predictions, auditor.num_classes), ref_hist, requested=requested,
                            predictions=predictions, class_names=auditor.class_names)
             if self.labelled_reference:
-                result["per_class_fd"] = per_class_fd(g["per_class"], r["per_class"], auditor.class_names)
+                result["per_class_fd"] = per_class_fd(g["per_class"], r["per_class"], auditor.class_names,
+                                                      g["features"], g["classes"])
             out[KEY_AUDIT] = result
         return out
 
@@ -238,6 +247,7 @@ def _inception_metrics(g: dict, r: dict, wanted: set, opts: ScoreOptions, settin
     out: dict[str, float] = {}
     if FID in wanted:
         out[KEY_FID] = frechet_distance(g["stats"], r["stats"])
+        out.update(_fd_infinity(KEY_FID_INF, g, r, skipped))
     try_metrics = []
     if IS in wanted:
         try_metrics.append((IS, lambda: inception_score(g["logits"], opts.is_splits)))
@@ -252,6 +262,14 @@ def _inception_metrics(g: dict, r: dict, wanted: set, opts: ScoreOptions, settin
     if PR in wanted:
         out.update(_precision_recall(g, r, opts, skipped))
     return out
+
+
+def _fd_infinity(key: str, g: dict, r: dict, skipped: dict) -> dict:
+    try:
+        return {key: fd_infinity(g["features"], r["stats"])}
+    except ValueError as e:  # too few samples to extrapolate: say so
+        skipped[key] = str(e)
+        return {}
 
 
 def _precision_recall(g: dict, r: dict, opts: ScoreOptions, skipped: dict) -> dict:

@@ -23,6 +23,7 @@ from pipeline.leaderboard.table import (
     direction,
     format_cell,
     is_reference_row,
+    sample_count_note,
     skipped_by_reason,
     used_columns,
 )
@@ -298,7 +299,7 @@ def render_html(rows: list[dict], metric: str, ranks: list[str], results: str | 
 a header to sort by it. One row per run and protocol. Grey rows frame the table: the held-out validation split
 scored as if generated (the best a model can do at that sample count) and uniform noise. <code>a ± b</code>: mean
 and standard deviation over repeated sample sets. ⚠: a row scored on another sample count or trained on another
-budget than most (hover for which).</p>
+budget than most (hover for which). {html.escape(sample_count_note(rows, metric))}</p>
 <button id="all-columns">all columns</button>
 {_table(rows, metric, ranks, out)}
 {_skipped(rows)}

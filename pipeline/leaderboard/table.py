@@ -14,8 +14,11 @@ from typing import Any, Optional
 from pipeline.metrics import (
     KEY_AUDIT,
     KEY_FD_AUDITOR,
+    KEY_FD_AUDITOR_INF,
     KEY_FD_DINOV2,
+    KEY_FD_DINOV2_INF,
     KEY_FID,
+    KEY_FID_INF,
     KEY_IS_MEAN,
     KEY_KID_MEAN,
     KEY_MEMORIZATION,
@@ -31,6 +34,9 @@ class Column:
     fmt: str = "{}"
     has_std: bool = False  # metrics: with --repeats, metrics_std holds the spread at the same path
     lower_is_better: Optional[bool] = None  # None: not a quality metric (names, costs)
+    # a metric whose expectation does not depend on the sample count N (unbiased estimators, means): rows of
+    # different N may be ranked on it; a Fréchet distance, IS or a histogram distance may not
+    n_fair: bool = False
 
     @property
     def arrow(self) -> str:
@@ -54,22 +60,26 @@ COLUMNS = [
     Column("run", ("run_id",)),
     Column("family", ("family",)),
     Column(KEY_FID, ("metrics", KEY_FID), "{:.3f}", True, True),
+    Column(KEY_FID_INF, ("metrics", KEY_FID_INF), "{:.3f}", True, True, n_fair=True),
     Column("is", ("metrics", KEY_IS_MEAN), "{:.3f}", True, False),
-    Column("kid", ("metrics", KEY_KID_MEAN), "{:.5f}", True, True),
+    Column("kid", ("metrics", KEY_KID_MEAN), "{:.5f}", True, True, n_fair=True),
     Column(KEY_PRECISION, ("metrics", KEY_PRECISION), "{:.3f}", True, False),
     Column(KEY_RECALL, ("metrics", KEY_RECALL), "{:.3f}", True, False),
     Column(KEY_FD_DINOV2, ("metrics", KEY_FD_DINOV2), "{:.2f}", True, True),
+    Column(KEY_FD_DINOV2_INF, ("metrics", KEY_FD_DINOV2_INF), "{:.2f}", True, True, n_fair=True),
     Column(KEY_FD_AUDITOR, ("metrics", KEY_FD_AUDITOR), "{:.4f}", True, True),
+    Column(KEY_FD_AUDITOR_INF, ("metrics", KEY_FD_AUDITOR_INF), "{:.4f}", True, True, n_fair=True),
     # the fraction of generated images that are near-copies of a training image (pixel space, docs/benchmark.md)
-    Column(KEY_MEMORIZATION, ("metrics", KEY_MEMORIZATION, "copy_rate"), "{:.3f}", True, True),
-    Column("authpct", ("metrics", KEY_MEMORIZATION, "authpct"), "{:.1f}", True, False),
+    Column(KEY_MEMORIZATION, ("metrics", KEY_MEMORIZATION, "copy_rate"), "{:.3f}", True, True, n_fair=True),
+    Column("authpct", ("metrics", KEY_MEMORIZATION, "authpct"), "{:.1f}", True, False, n_fair=True),
     # C_T has no better direction: strongly negative is copying, strongly positive underfitting, 0 is fresh data
     Column("ct_score", ("metrics", KEY_MEMORIZATION, "ct_score"), "{:.2f}", True),
     Column("kl_to_reference", ("metrics", KEY_AUDIT, "kl_to_reference"), "{:.4f}", True, True),
     Column("tv_to_reference", ("metrics", KEY_AUDIT, "tv_to_reference"), "{:.4f}", True, True),
     Column("fairness_discrepancy", ("metrics", KEY_AUDIT, "fairness_discrepancy"), "{:.4f}", True, True),
     Column("coverage", ("metrics", KEY_AUDIT, "coverage"), "{:.2f}", True, False),
-    Column("conditional_accuracy", ("metrics", KEY_AUDIT, "conditional_accuracy"), "{:.3f}", True, False),
+    Column("conditional_accuracy", ("metrics", KEY_AUDIT, "conditional_accuracy"), "{:.3f}", True, False,
+           n_fair=True),
     Column("class_fd_worst_to_best", ("metrics", KEY_AUDIT, "per_class_fd", "worst_to_best"), "{:.2f}", True, True),
     Column("bits_per_dim", ("cost", "bits_per_dim"), "{:.3f}"),
     Column("parameters", ("cost", "parameters"), "{:,}"),
@@ -110,10 +120,28 @@ def is_reference_row(record: dict) -> bool:
     return bool(record.get("reference_row"))
 
 
+def sample_counts(rows: list[dict]) -> list[int]:
+    """The distinct sample counts N of the model rows (reference rows are shown, not ranked)."""
+    models = [r for r in rows if not is_reference_row(r)]
+    return sorted({r.get("protocol", {}).get("num_samples") for r in models} - {None})
+
+
+def sample_count_note(rows: list[dict], metric: str) -> str:
+    """One sentence when the ranking had to step around different sample counts, else nothing."""
+    counts = sample_counts(rows)
+    if len(counts) <= 1:
+        return ""
+    return (f"The model rows were scored on different sample counts ({', '.join(f'{n:,}' for n in counts)}): a "
+            f"Fréchet distance is biased upward by about 1/N, so they are ranked by `{metric}`, which is not "
+            "(FD-infinity: the FD extrapolated to infinitely many samples, Chong & Forsyth 2020).")
+
+
 def primary_metric(rows: list[dict]) -> str:
-    """FID when every model row has it, else fd_auditor (always computable offline on labelled data)."""
+    """FID when every model row has it, else fd_auditor (always computable offline on labelled data); their
+    FD-infinity when the model rows were scored on different sample counts (an FD is biased upward by ~1/N)."""
     models = [r for r in rows if not is_reference_row(r)] or rows
-    return KEY_FID if models and all(KEY_FID in r["metrics"] for r in models) else KEY_FD_AUDITOR
+    metric = KEY_FID if models and all(KEY_FID in r["metrics"] for r in models) else KEY_FD_AUDITOR
+    return f"{metric}_inf" if len(sample_counts(rows)) > 1 else metric
 
 
 def skipped_by_reason(rows: list[dict]) -> dict[str, tuple[list[str], list[str]]]:
@@ -156,6 +184,12 @@ def ranked_rows(results: str | Path, sort: Optional[str] = None) -> tuple[list[d
     rows = latest_per_protocol(load_records(results))
     if sort is not None and sort not in SORTABLE:
         raise ValueError(f"--sort {sort!r}: choose one of {', '.join(SORTABLE)}")
+    counts = sample_counts(rows)
+    if sort is not None and not column(sort).n_fair and len(counts) > 1:
+        fair = [c.header for c in COLUMNS if c.n_fair]
+        raise ValueError(f"--sort {sort}: the model rows were scored on different sample counts ({counts}) and "
+                         f"{sort} is biased by the count; sort by one that is not ({', '.join(fair)}), or score "
+                         "every row at one --num-samples")
     metric = sort or primary_metric(rows)
     c = column(metric)
     sign = 1.0 if c.lower_is_better else -1.0

@@ -8,7 +8,15 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from pipeline.leaderboard.table import COLUMNS, METRIC_COLUMNS, direction, format_cell, ranks, used_columns
+from pipeline.leaderboard.table import (
+    COLUMNS,
+    METRIC_COLUMNS,
+    direction,
+    format_cell,
+    ranks,
+    sample_count_note,
+    used_columns,
+)
 
 
 def relative(path: Optional[str], out: Path) -> str:
@@ -35,7 +43,7 @@ def render_markdown(rows: list[dict], metric: str, results: str | Path, out: Pat
              f"run and protocol; each links to its immutable result record in `{results}` and its run directory. "
              "`ref` rows frame the table: the held-out validation split scored as if generated (the best a model "
              "can do at that sample count) and uniform noise. `a ± b`: mean and standard deviation over "
-             "`--repeats` sample sets.\n",
+             f"`--repeats` sample sets. {sample_count_note(rows, metric)}\n",
              "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for rank, r in zip(ranks(rows), rows):
         links = f"[record]({relative(r['_file'], out)})"

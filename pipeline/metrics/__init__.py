@@ -12,6 +12,8 @@ KEY_FD_AUDITOR = "fd_auditor"
 KEY_AUDIT = "audit"
 KEY_MEMORIZATION = "memorization"
 KEY_FD_DINOV2 = "fd_dinov2"
+# FD-infinity beside each Fréchet distance: the FD extrapolated to infinitely many samples (unbiased in N)
+KEY_FID_INF, KEY_FD_AUDITOR_INF, KEY_FD_DINOV2_INF = "fid_inf", "fd_auditor_inf", "fd_dinov2_inf"
 
 FID, IS, KID, PR, FD_AUDITOR, AUDIT = "fid", "is", "kid", "pr", "fd_auditor", "audit"
 MEMORIZATION, FD_DINOV2 = "memorization", "fd_dinov2"
@@ -20,6 +22,6 @@ SELECTABLE = (FID, IS, KID, PR, FD_AUDITOR, AUDIT, MEMORIZATION, FD_DINOV2)
 DEFAULT = tuple(m for m in SELECTABLE if m != FD_DINOV2)
 INCEPTION_METRICS = (FID, IS, KID, PR)
 AUDITOR_METRICS = (FD_AUDITOR, AUDIT)
-KEYS = {FID: (KEY_FID,), IS: (KEY_IS_MEAN, KEY_IS_STD), KID: (KEY_KID_MEAN, KEY_KID_STD),
-        PR: (KEY_PRECISION, KEY_RECALL), FD_AUDITOR: (KEY_FD_AUDITOR,), AUDIT: (KEY_AUDIT,),
-        MEMORIZATION: (KEY_MEMORIZATION,), FD_DINOV2: (KEY_FD_DINOV2,)}
+KEYS = {FID: (KEY_FID, KEY_FID_INF), IS: (KEY_IS_MEAN, KEY_IS_STD), KID: (KEY_KID_MEAN, KEY_KID_STD),
+        PR: (KEY_PRECISION, KEY_RECALL), FD_AUDITOR: (KEY_FD_AUDITOR, KEY_FD_AUDITOR_INF), AUDIT: (KEY_AUDIT,),
+        MEMORIZATION: (KEY_MEMORIZATION,), FD_DINOV2: (KEY_FD_DINOV2, KEY_FD_DINOV2_INF)}

@@ -9,10 +9,13 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 import numpy as np
+import torch
 
 from pipeline.metrics.fidelity import frechet_distance
+from pipeline.metrics.frechet import fd_infinity
 
 EPS = 1e-12
+MIN_PER_CLASS = 50  # images per class, on each side, below which a per-class FD is left empty
 Counts = Union[Sequence[int], np.ndarray]  # class counts or labels, as a list or an array
 
 
@@ -61,15 +64,36 @@ def audit(predicted_counts: Counts, reference_counts: Optional[Counts] = None,
 
 
 def per_class_fd(generated: Sequence[Optional[dict]], reference: Sequence[Optional[dict]],
-                 class_names: Sequence[str]) -> dict:
+                 class_names: Sequence[str], generated_features: Optional[torch.Tensor] = None,
+                 predicted: Optional[torch.Tensor] = None, min_count: int = MIN_PER_CLASS) -> dict:
     """Fréchet distance per class between generated samples *predicted* as the class and reference
-    samples *labelled* as it ({mu, sigma} each; None where a class has fewer than 2 samples, which
-    gives None rather than a number). ``worst_to_best`` is the quality disparity between classes."""
+    samples *labelled* as it ({mu, sigma, count} each; None where a class has fewer than 2 samples).
+
+    A class with fewer than ``min_count`` images on either side gets no number, with the reason: an FD
+    from a handful of images measures their count more than their quality. With the generated feature
+    vectors and their predicted classes, each class also gets FD-infinity (``per_class_inf``), and
+    ``worst_to_best`` (the quality disparity between classes, over the classes scored) is taken from it,
+    so rows of different sample counts compare fairly; without them, from the plain FDs."""
     per_class: dict[str, Optional[float]] = {}
-    for name, g, r in zip(class_names, generated, reference):
-        per_class[name] = None if g is None or r is None else frechet_distance(g, r)
-    scored = {name: v for name, v in per_class.items() if v is not None}
+    per_class_inf: dict[str, Optional[float]] = {}
+    counts: dict[str, int] = {}
+    skipped: dict[str, str] = {}
+    for c, (name, g, r) in enumerate(zip(class_names, generated, reference)):
+        n_g, n_r = (0 if s is None else int(s["count"]) for s in (g, r))
+        counts[name] = n_g
+        per_class[name] = per_class_inf[name] = None
+        if g is None or r is None or min(n_g, n_r) < min_count:
+            skipped[name] = (f"{n_g} generated and {n_r} reference images; a class needs {min_count} of each "
+                             "for an FD that is not mostly noise")
+            continue
+        per_class[name] = frechet_distance(g, r)
+        if generated_features is not None and predicted is not None:
+            per_class_inf[name] = fd_infinity(generated_features[predicted == c], r)
+    fair = per_class_inf if generated_features is not None else per_class
+    scored = {name: v for name, v in fair.items() if v is not None}
     values = list(scored.values())
-    ratio = max(values) / min(values) if values and min(values) > 0 else None
-    return {"per_class": per_class, "worst_to_best": ratio,
-            "worst_class": max(scored, key=lambda c: scored[c]) if scored else None}
+    ratio = max(values) / min(values) if len(values) >= 2 and min(values) > 0 else None
+    return {"per_class": per_class, "per_class_inf": per_class_inf if generated_features is not None else None,
+            "counts": counts, "min_count": min_count, "skipped": skipped, "worst_to_best": ratio,
+            "worst_to_best_from": "fd_infinity" if generated_features is not None else "fd",
+            "worst_class": max(scored, key=lambda c: scored[c]) if len(values) >= 2 else None}
