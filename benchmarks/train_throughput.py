@@ -119,7 +119,11 @@ def plain_step(family: str, model, optimizers: list, x: torch.Tensor) -> Callabl
                 d_loss = d_loss + model.r1_gamma / 2 * grad.pow(2).flatten(1).sum(1).mean()
             step(d_loss, opt_d)
             if next(batches) % model.n_critic == 0:  # as GAN.training_step: G every n_critic batches
+                # D's weights frozen for G's step, as Lightning's toggled_optimizer does: the backward pass then
+                # computes D's input gradients only, not weight gradients no optimizer would use
+                model.discriminator.requires_grad_(False)
                 step(model._g_loss(model.discriminator(model.generator(z, None), None)), opt_g)
+                model.discriminator.requires_grad_(True)
     return run
 
 

@@ -91,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="let the GPU use TF32 for features (faster; recorded in the protocol)")
     bench.add_argument("--results",
                        help="directory of result records (default: the run's benchmark.results, else results/)")
+    bench.add_argument("--checkpoints", choices=("last", "all"), default="last",
+                       help="with --run: score last.ckpt (default), or every checkpoint run.evaluate_every kept and "
+                            "last.ckpt, each into its own record with the budget spent")
     bench.add_argument("--sample-precision", choices=("fp32", "bf16"),
                        help="with --run: sample in fp32 or under bf16 autocast (default: the run's "
                             "benchmark.sample_precision, fp32); recorded in the protocol")
@@ -220,6 +223,8 @@ def cmd_prepare(args, extra) -> int:
 
 
 def cmd_benchmark(args, extra) -> int:
+    from pathlib import Path
+
     from pipeline.benchmark import (
         ScoreOptions,
         benchmark_images,
@@ -228,7 +233,10 @@ def cmd_benchmark(args, extra) -> int:
         parse_metrics,
     )
     from pipeline.benchmark.distributed import init_from_environment, shutdown
+    from pipeline.benchmark.stage import run_checkpoints
 
+    if args.checkpoints != "last" and not args.run:
+        raise ValueError("--checkpoints chooses among a --run's checkpoints")
     if (args.images or args.reference_rows) and not args.reference:
         raise ValueError("--images and --reference-rows need --reference SHARDS_OR_FOLDER to compare with")
     if args.run and (args.reference or args.labels or args.name):
@@ -245,7 +253,8 @@ def cmd_benchmark(args, extra) -> int:
         if args.run:
             written = [benchmark_run(args.run, num_samples=args.num_samples, seed=args.seed, results=args.results,
                                      opts=opts, metrics=args.metrics, repeats=args.repeats, placement=placement,
-                                     sample_precision=args.sample_precision)]
+                                     sample_precision=args.sample_precision, checkpoint=ckpt)
+                       for ckpt in run_checkpoints(Path(args.run), args.checkpoints)]
         elif args.images:
             if args.repeats != 1:
                 raise ValueError("--repeats draws new samples from a run; a folder of images is one sample set")

@@ -25,6 +25,7 @@ from pipeline.benchmark.distributed import Placement
 from pipeline.benchmark.images import ImageSourceError, ModelSamples, ShardImages, UniformNoise, open_images
 from pipeline.benchmark.scoring import BenchmarkError, ScoreOptions, Scorer, cache_key, parse_metrics
 from pipeline.data.imageops import save_png
+from pipeline.fit.checkpoints import LAST
 from pipeline.fit.provenance import describe_environment, now
 from pipeline.io import write_new_json
 
@@ -54,17 +55,40 @@ def aggregate(draws: list[Any]) -> tuple[Any, Any]:
 
 
 def checkpoint_progress(ckpt: Path) -> dict[str, Any]:
-    """Training progress stored in a checkpoint: optimizer steps and images seen when it was written.
-    Memory-mapped, so only the few bytes of these fields are read."""
+    """Training progress stored in a checkpoint: optimizer steps, images seen, training FLOPs and device-hours
+    when it was written. Memory-mapped, so only the few bytes of these fields are read."""
     state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-    return {"global_step": state.get("global_step"), "images_seen": state.get("genbench", {}).get("images_seen")}
+    genbench = state.get("genbench", {})
+    images, fpi = genbench.get("images_seen"), genbench.get("flops_per_image")
+    seconds = genbench.get("device_seconds")
+    return {"global_step": state.get("global_step"), "images_seen": images,
+            "training_flops": None if images is None or fpi is None else images * fpi,
+            "device_hours_trained": None if seconds is None else seconds / 3600}
 
 
-def load_run_model(run_dir: Path, device: str = "cpu", run_info: Optional[dict[str, Any]] = None):
-    """The run's model class from its resolved config, with the EMA weights of ``last.ckpt``, and the training
-    progress of that checkpoint. Refuses a checkpoint older than the step run.json says training reached: its
-    weights would be scored under another step's provenance. ``run_info``: run.json, when the caller has it."""
-    config_path, ckpt = run_dir / "config.yaml", run_dir / "checkpoints" / "last.ckpt"
+def run_checkpoints(run_dir: Path, which: str = "last") -> list[Path]:
+    """The checkpoints ``--checkpoints`` names: ``last`` (last.ckpt), or ``all``: every evaluation point that
+    ``run.evaluate_every`` kept, in training order, then last.ckpt unless it is the last point's step."""
+    directory = run_dir / "checkpoints"
+    last = directory / LAST
+    if which == "last":
+        return [last]
+    if which != "all":
+        raise BenchmarkError(f"--checkpoints {which!r}: use last or all")
+    points = sorted(directory.glob("eval-*.ckpt"), key=lambda p: checkpoint_progress(p)["global_step"] or 0)
+    if last.exists() and (not points or checkpoint_progress(points[-1])["global_step"] !=
+                          checkpoint_progress(last)["global_step"]):
+        points.append(last)
+    return points or [last]
+
+
+def load_run_model(run_dir: Path, device: str = "cpu", run_info: Optional[dict[str, Any]] = None,
+                   ckpt: Optional[Path] = None):
+    """The run's model class from its resolved config, with the EMA weights of ``ckpt`` (default last.ckpt), and
+    the training progress of that checkpoint. Refuses a last.ckpt older than the step run.json says training
+    reached: its weights would be scored under another step's provenance. ``run_info``: run.json, when the
+    caller has it."""
+    config_path, ckpt = run_dir / "config.yaml", ckpt or run_dir / "checkpoints" / LAST
     if not config_path.exists():
         raise BenchmarkError(f"{run_dir} has no config.yaml: not a genbench run directory (genbench fit writes one)")
     if not ckpt.exists():
@@ -73,7 +97,8 @@ def load_run_model(run_dir: Path, device: str = "cpu", run_info: Optional[dict[s
     progress = checkpoint_progress(ckpt)
     run_info = read_run_info(run_dir) if run_info is None else run_info
     trained = run_info.get("global_step")
-    if trained is not None and progress["global_step"] is not None and progress["global_step"] < trained:
+    if ckpt.name == LAST and trained is not None and progress["global_step"] is not None and \
+            progress["global_step"] < trained:
         raise BenchmarkError(
             f"{ckpt} holds step {progress['global_step']} but {run_dir / 'run.json'} says training reached step "
             f"{trained} (status {run_info.get('status')}): the final weights were never saved, and scoring these "
@@ -154,13 +179,14 @@ def _record_name(stem: str, num_samples: int, seed: Optional[int]) -> str:
 def benchmark_run(run_dir: str | os.PathLike, num_samples: Optional[int] = None, seed: Optional[int] = None,
                   results: Optional[str] = None, opts: Optional[ScoreOptions] = None,
                   metrics: Optional[str] = None, repeats: int = 1, placement: Placement = Placement(),
-                  sample_precision: Optional[str] = None) -> Optional[Path]:
-    """Sample the run's EMA weights, score against its training shards, write the record (rank 0); its path."""
+                  sample_precision: Optional[str] = None, checkpoint: Optional[Path] = None) -> Optional[Path]:
+    """Sample the EMA weights of the run's ``checkpoint`` (default last.ckpt), score against its training shards,
+    write the record (rank 0); its path."""
     run_dir = Path(run_dir)
     opts = opts or ScoreOptions()
     device = opts.device or placement.device
     run_info = read_run_info(run_dir)
-    model, config, progress = load_run_model(run_dir, device, run_info)
+    model, config, progress = load_run_model(run_dir, device, run_info, checkpoint)
     bench = config.get("benchmark", {})
     num_samples = num_samples or bench.get("num_samples", 50000)
     seed = bench.get("seed", 0) if seed is None else seed
@@ -169,6 +195,8 @@ def benchmark_run(run_dir: str | os.PathLike, num_samples: Optional[int] = None,
         opts.metrics = parse_metrics(metrics or bench["metrics"])
     if opts.inception_weights is None:
         opts.inception_weights = bench.get("inception_weights")
+    if opts.dinov2_weights is None:
+        opts.dinov2_weights = bench.get("dinov2_weights")
     opts.auditor_epochs = bench.get("auditor_epochs", opts.auditor_epochs)
     if repeats < 1:
         raise BenchmarkError(f"--repeats {repeats}: draw at least one sample set")
@@ -185,16 +213,44 @@ def benchmark_run(run_dir: str | os.PathLike, num_samples: Optional[int] = None,
                                                          if k in ("precision", "compiled")})
     seconds = sum(s.sampling_seconds for s in sources)
     cost = model.cost()
+    ckpt_name = (checkpoint or Path(LAST)).name
+    stem = run_dir.name if ckpt_name == LAST else f"{run_dir.name}-{Path(ckpt_name).stem}"
     return _write_record(
-        results_dir, _record_name(run_dir.name, num_samples, seed), placement, metrics_, std, draws, skipped, protocol,
+        results_dir, _record_name(stem, num_samples, seed), placement, metrics_, std, draws, skipped, protocol,
         evidence, run_id=run_dir.name, run_dir=str(run_dir), family=model.family, conditional=model.conditional,
+        checkpoint=ckpt_name, budget=budget_of(run_info, ckpt_name, progress),
         provenance={k: run_info.get(k) for k in ("config_hash", "git", "packages", "data", "seed", "hardware",
                                                  "world_size", "status")},
         cost={"parameters": cost["parameters"], "nfe": cost["nfe"], "bits_per_dim": cost["bits_per_dim"],
               "sampling_images_per_s": round(num_samples * repeats / seconds, 2) if seconds else None,
               # training progress of the weights that were scored, read from their checkpoint
-              "device_hours": run_info.get("device_hours"), "images_seen": progress["images_seen"],
+              "device_hours": run_info.get("device_hours") if ckpt_name == LAST else progress["device_hours_trained"],
+              "device_hours_trained": progress["device_hours_trained"], "images_seen": progress["images_seen"],
+              "training_flops": progress["training_flops"],
               "global_step": progress["global_step"]})
+
+
+def budget_of(run_info: dict[str, Any], ckpt_name: str, progress: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """What a record says about the training budget of the weights it scored: the run's budget (unit and
+    amount), the budget point the checkpoint stands for (an evaluation point, or the budget itself for the
+    last.ckpt of a run that reached it; else None) and what had been spent in every unit. None for a run
+    trained without a budget: it is never placed in a budget table."""
+    from pipeline.fit.budget import parse_budget
+
+    budget = parse_budget(run_info.get("budget"), "run.budget")
+    every = parse_budget(run_info.get("evaluate_every"), "run.evaluate_every")
+    if budget is None and every is None:
+        return None
+    spent = {"images": progress["images_seen"], "flops": progress["training_flops"],
+             "device_hours": progress["device_hours_trained"]}
+    out: dict[str, Any] = {"unit": budget[0] if budget else None, "amount": budget[1] if budget else None,
+                           "point_unit": None, "point": None, "spent": spent}
+    stem = ckpt_name.removesuffix(".ckpt")
+    if every is not None and stem.startswith(f"eval-{every[0]}-"):
+        out.update(point_unit=every[0], point=float(stem[len(f"eval-{every[0]}-"):]))
+    elif budget is not None and spent[budget[0]] is not None and spent[budget[0]] >= budget[1]:
+        out.update(point_unit=budget[0], point=budget[1])
+    return out
 
 
 def held_out_split(reference) -> Optional[ShardImages]:

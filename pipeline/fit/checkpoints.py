@@ -31,8 +31,9 @@ class SharedCheckpointIO(TorchCheckpointIO):
 
 
 def is_final_batch(trainer: Trainer, batch_idx: int) -> bool:
-    """Whether training stops after this batch by its schedule: max_steps, or the last batch of max_epochs."""
-    if 0 < trainer.max_steps <= trainer.global_step:
+    """Whether training stops after this batch: by its schedule (max_steps, the last batch of max_epochs) or
+    because a callback asked it to (the training budget, pipeline.fit.budget)."""
+    if 0 < trainer.max_steps <= trainer.global_step or trainer.should_stop:
         return True
     last_epoch = trainer.max_epochs is not None and trainer.max_epochs > 0 and \
         trainer.current_epoch + 1 >= trainer.max_epochs

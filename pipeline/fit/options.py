@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from pipeline.metrics import DEFAULT as DEFAULT_METRICS
+
 
 @dataclass
 class RunOptions:
@@ -19,12 +21,19 @@ class RunOptions:
         root: directory holding all run directories.
         id: explicit run id (directory name), instead of name + config hash.
         checkpoint_every_n_steps: optimizer steps between checkpoints (``last.ckpt`` is also written at the end).
+        budget: stop training at this budget, one of ``{images: N}``, ``{flops: F}`` (training FLOPs, measured)
+            or ``{device_hours: H}``: the same key for every family (pipeline/fit/budget.py). Set
+            ``trainer.max_steps: -1`` to let the budget alone decide.
+        evaluate_every: keep a checkpoint at every multiple of this budget (same units), for
+            ``genbench benchmark --checkpoints all``.
     """
 
     name: str = "run"
     root: str = "runs"
     id: Optional[str] = None
     checkpoint_every_n_steps: int = 500
+    budget: Optional[dict[str, float]] = None
+    evaluate_every: Optional[dict[str, float]] = None
 
 
 @dataclass
@@ -62,8 +71,10 @@ class BenchmarkOptions:
         seed: seed of the generated images.
         batch_size: images per batch when extracting features (a model samples in batches of its
             ``sample_batch_size``).
-        metrics: comma-separated subset of fid,is,kid,pr,fd_auditor,audit (the Inception ones need the weights).
+        metrics: comma-separated subset of fid,is,kid,pr,fd_auditor,audit,memorization,fd_dinov2 (default: all but
+            fd_dinov2; the Inception and DINOv2 ones need their weights).
         inception_weights: explicit path of torch-fidelity's InceptionV3 weights (else the torch hub cache).
+        dinov2_weights: explicit path of the DINOv2 ViT-L/14 weights for fd_dinov2 (else the torch hub cache).
         auditor_epochs: training epochs of the auditor classifier when it is not cached yet.
         results: directory of the result records.
         sample_precision: ``fp32`` samples in full precision; ``bf16`` under bf16 autocast (faster on a GPU,
@@ -73,8 +84,9 @@ class BenchmarkOptions:
     num_samples: int = 50000
     seed: int = 0
     batch_size: int = 250
-    metrics: str = "fid,is,kid,pr,fd_auditor,audit"
+    metrics: str = ",".join(DEFAULT_METRICS)
     inception_weights: Optional[str] = None
+    dinov2_weights: Optional[str] = None
     auditor_epochs: int = 10
     results: str = "results"
     sample_precision: Literal["fp32", "bf16"] = "fp32"

@@ -73,6 +73,7 @@ class ProvenanceCallback(Callback):
         self.tracking = tracking
         self.seed = config.seed_everything
         self.shards = str(config.data.init_args.shards)
+        self.budget = {"budget": config.run.budget, "evaluate_every": config.run.evaluate_every}
         self.record: dict[str, Any] = {}
         self._t0 = 0.0
 
@@ -136,6 +137,7 @@ class ProvenanceCallback(Callback):
             "device_hours": round(self.record["device_hours"] + elapsed * trainer.world_size / 3600, 6),
             "global_step": trainer.global_step,
             "images_seen": pl_module.images_seen,
+            **self.budget,
             "cost": pl_module.cost() if isinstance(pl_module, GenerativeModule) else None,
         })
         if error:

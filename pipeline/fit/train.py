@@ -28,6 +28,7 @@ from pytorch_lightning.loggers import WandbLogger
 from pipeline.console import interactive
 from pipeline.data.datamodule import ShardDataModule
 from pipeline.data.shards import MANIFEST, load_manifest
+from pipeline.fit.budget import BudgetError, TrainingBudget, parse_budget
 from pipeline.fit.checkpoints import LAST, RunCheckpoint, SharedCheckpointIO
 from pipeline.fit.config_errors import config_files, explain
 from pipeline.fit.options import BenchmarkOptions, PrepareOptions, RunOptions, TrackingOptions
@@ -154,6 +155,8 @@ class GenbenchCLI(LightningCLI):
         check_config_files(args or [])
         self._instantiate = instantiate
         self.run_dir: Optional[Path] = None
+        self.budget: Optional[tuple[str, float]] = None
+        self.evaluate_every: Optional[tuple[str, float]] = None
         super().__init__(
             GenerativeModule, ShardDataModule, subclass_mode_model=True, subclass_mode_data=True,
             save_config_callback=None, run=False, args=args, auto_configure_optimizers=False,
@@ -182,6 +185,13 @@ class GenbenchCLI(LightningCLI):
         ensure_shards(self.config.data, self.config.prepare)
         check_model_fits_data(self.config)
         check_schedule(self.run_dir, self.config.trainer.max_steps)
+        try:
+            self.budget = parse_budget(self.config.run.budget, "run.budget")
+            self.evaluate_every = parse_budget(self.config.run.evaluate_every, "run.evaluate_every")
+        except BudgetError as e:
+            raise ConfigError(str(e)) from None
+        if self.budget and self.config.trainer.max_epochs is None:
+            self.config.trainer.max_epochs = -1  # Lightning's default of 1000 epochs would cut a budget short
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         run_dir = self.run_dir
@@ -205,7 +215,8 @@ class GenbenchCLI(LightningCLI):
             tracking.update(wandb_id=wandb_id, wandb_project=self.config.tracking.project)
             if mode == "offline":  # run.json says how to upload it later
                 tracking["wandb_sync"] = f"wandb sync {run_dir}/wandb/offline-run-*"
-        extra = [RunCheckpoint(run_dir / "checkpoints", self.config.run.checkpoint_every_n_steps),
+        extra = [TrainingBudget(run_dir / "checkpoints", self.budget, self.evaluate_every),
+                 RunCheckpoint(run_dir / "checkpoints", self.config.run.checkpoint_every_n_steps),
                  ProvenanceCallback(run_dir, self.config, chash, tracking)]
         trainer_config = self._get(self.config_init, "trainer", default={})
         user_callbacks = _as_list(trainer_config.get("callbacks"))

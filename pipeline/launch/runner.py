@@ -23,7 +23,8 @@ from jsonargparse import ArgumentParser
 from pipeline import leaderboard
 from pipeline.benchmark import ScoreOptions, benchmark_reference_rows, benchmark_run
 from pipeline.benchmark.images import ShardImages
-from pipeline.benchmark.stage import checkpoint_progress, read_run_info
+from pipeline.benchmark.stage import checkpoint_progress, read_run_info, run_checkpoints
+from pipeline.fit.budget import parse_budget
 from pipeline.fit.checkpoints import LAST
 from pipeline.fit.train import DryRun, check_model_fits_data, config_hash, ensure_shards, resolve
 
@@ -73,13 +74,21 @@ class Job(NamedTuple):
     config: Any  # the resolved jsonargparse Namespace
 
 
-def _finished(run_dir: Path, chash: str, max_steps: Optional[int]) -> bool:
-    """Trained with this config to this schedule (a longer ``max_steps`` continues the run)."""
+def _finished(run_dir: Path, chash: str, max_steps: Optional[int], budget: Optional[dict] = None) -> bool:
+    """Trained with this config to this schedule (a longer ``max_steps`` or a larger ``run.budget`` continues
+    the run)."""
     path = run_dir / "run.json"
     if not path.exists():
         return False
     info = json.loads(path.read_text())
     long_enough = not max_steps or max_steps < 0 or (info.get("global_step") or 0) >= max_steps
+    parsed = parse_budget(budget, "run.budget")
+    if parsed is not None:
+        unit, amount = parsed
+        cost = info.get("cost") or {}
+        spent = {"images": info.get("images_seen"), "flops": cost.get("training_flops"),
+                 "device_hours": info.get("device_hours")}[unit]
+        long_enough = long_enough and spent is not None and spent >= amount
     return info.get("status") == "finished" and info.get("config_hash") == chash and long_enough
 
 
@@ -94,10 +103,10 @@ def inception_available(explicit: Optional[str]) -> bool:
         return False
 
 
-def existing_record(job: Job, records: list[dict]) -> Optional[dict]:
-    """Among ``records``, one of this run that scored the same checkpoint with the same sample count, seed and
-    extractors: benchmarking it again would only add a duplicate row."""
-    ckpt = job.run_dir / "checkpoints" / LAST
+def existing_record(job: Job, records: list[dict], ckpt: Optional[Path] = None) -> Optional[dict]:
+    """Among ``records``, one of this run that scored the same checkpoint (default last.ckpt) with the same sample
+    count, seed and extractors: benchmarking it again would only add a duplicate row."""
+    ckpt = ckpt or job.run_dir / "checkpoints" / LAST
     if not records or not ckpt.exists():
         return None
     step = checkpoint_progress(ckpt)["global_step"]
@@ -108,6 +117,7 @@ def existing_record(job: Job, records: list[dict]) -> Optional[dict]:
         protocol = record.get("protocol", {})
         if (record.get("run_id") == job.run_dir.name and record.get("provenance", {}).get("config_hash") == chash
                 and record.get("cost", {}).get("global_step") == step
+                and record.get("checkpoint", LAST) == ckpt.name
                 and protocol.get("num_samples") == bench.num_samples and protocol.get("seed") == bench.seed
                 and protocol.get("repeats", 1) == 1
                 and ("inception" in protocol.get("extractors", {})) == with_inception):
@@ -145,7 +155,7 @@ def run(paths: list[str], overrides: list[str], runs: Optional[str] = None, resu
     print(f"genbench run: {len(jobs)} experiment(s) validated", flush=True)
 
     for job in jobs:
-        if _finished(job.run_dir, job.config_hash, job.config.trainer.max_steps):
+        if _finished(job.run_dir, job.config_hash, job.config.trainer.max_steps, job.config.run.budget):
             print(f"[fit] {job.run_dir} already finished; not training again", flush=True)
             continue
         print(f"[fit] {job.experiment} -> {job.run_dir}", flush=True)
@@ -153,15 +163,20 @@ def run(paths: list[str], overrides: list[str], runs: Optional[str] = None, resu
 
     # the records there were before this command: the ones it writes are of runs it has just benchmarked
     before = {res: leaderboard.load_records(res) if Path(res).exists() else [] for res in {j.results for j in jobs}}
+    # Every checkpoint is scored after all training, not as soon as it is written: on one machine the two would
+    # share its cores, and the sweep on SLURM (genbench submit) benchmarks after its training array too.
     for job in jobs:
-        done = None if force else existing_record(job, before[job.results])
-        if done is not None:
-            print(f"[benchmark] {job.run_dir} already scored in {done['_file']} (--force scores it again)", flush=True)
-            continue
-        print(f"[benchmark] {job.run_dir}", flush=True)
-        path = benchmark_run(job.run_dir, results=job.results, opts=ScoreOptions(progress=progress))
-        if path is not None:
-            print(leaderboard.record_summary(json.loads(path.read_text())), flush=True)
+        which = "all" if job.config.run.evaluate_every else "last"
+        for ckpt in run_checkpoints(job.run_dir, which):
+            done = None if force else existing_record(job, before[job.results], ckpt)
+            if done is not None:
+                print(f"[benchmark] {ckpt} already scored in {done['_file']} (--force scores it again)", flush=True)
+                continue
+            print(f"[benchmark] {ckpt}", flush=True)
+            path = benchmark_run(job.run_dir, results=job.results, opts=ScoreOptions(progress=progress),
+                                 checkpoint=ckpt)
+            if path is not None:
+                print(leaderboard.record_summary(json.loads(path.read_text())), flush=True)
     for job in jobs:  # the floor and ceiling rows, once per results directory and data set
         shards = job.config.data.init_args.shards
         if not has_reference_rows(Path(job.results), shards):

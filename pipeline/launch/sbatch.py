@@ -67,7 +67,9 @@ def render(sweep: Sweep, tasks: list[Task], sweeps_root: Path = Path("sweeps")) 
     metrics = ["--metrics", b.metrics] if b.metrics else []
     bench_args = [*(["--num-samples", str(b.num_samples)] if b.num_samples else []),
                   *(["--repeats", str(b.repeats)] if b.repeats != 1 else []), *metrics, *b.args]
-    bench_lines = [shlex.join(["--run", task.run_dir, "--results", results, *bench_args]) for task in tasks]
+    # each run's evaluation checkpoints are scored after its training task (aftercorr), like last.ckpt
+    bench_lines = [shlex.join(["--run", task.run_dir, "--results", results, "--checkpoints", task.checkpoints,
+                               *bench_args]) for task in tasks]
     bench_resources = _resources(b.nodes, b.ntasks_per_node, b.gpus_per_node, b.cpus_per_task, b.time,
                                  b.partition or t.partition)
     commands = [("TRAIN_JOB", train_cmd),

@@ -124,6 +124,7 @@ class Task:
     shards: str
     num_samples: int
     benchmark_seed: int
+    checkpoints: str = "last"  # "all" when run.evaluate_every keeps checkpoints along the budget
 
 
 def load_sweep(path: Path) -> Sweep:
@@ -203,7 +204,8 @@ def plan(sweep: Sweep, base: Path) -> list[Task]:
         check_model_fits_data(config)
         tasks.append(Task(len(tasks), experiment, family or _family_of(config.model.class_path), seed, point,
                           [experiment, *overrides], per_node, str(resolved.run_dir), str(config.data.init_args.shards),
-                          sweep.benchmark.num_samples or config.benchmark.num_samples, config.benchmark.seed))
+                          sweep.benchmark.num_samples or config.benchmark.num_samples, config.benchmark.seed,
+                          "all" if config.run.evaluate_every else "last"))
     runs = [t.run_dir for t in tasks]
     duplicates = sorted({r for r in runs if runs.count(r) > 1})
     if duplicates:

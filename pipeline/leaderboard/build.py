@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 from pipeline.fit.tracking import wandb_mode
 from pipeline.io import atomic_write_text
 from pipeline.leaderboard.html import render_html
-from pipeline.leaderboard.table import COLUMNS, ranked_rows, ranks
+from pipeline.leaderboard.table import COLUMNS, budget_tables, ranked_rows, ranks
 from pipeline.leaderboard.text import render_csv, render_markdown
 
 
@@ -20,10 +20,12 @@ def build(results: str | Path, out: str | Path, wandb: str = "auto", sort: Optio
     rows, metric = ranked_rows(results, sort)
     if not rows:
         return None
+    every, _ = ranked_rows(results, sort, every_point=True)  # every budget point of every run
+    tables = budget_tables(every, metric)
     out = Path(out)
-    atomic_write_text(out / "leaderboard.csv", render_csv(rows, out))
-    atomic_write_text(out / "leaderboard.html", render_html(rows, metric, ranks(rows), results, out))
-    path = atomic_write_text(out / "leaderboard.md", render_markdown(rows, metric, results, out))
+    atomic_write_text(out / "leaderboard.csv", render_csv(every, out))
+    atomic_write_text(out / "leaderboard.html", render_html(rows, metric, ranks(rows), results, out, tables, every))
+    path = atomic_write_text(out / "leaderboard.md", render_markdown(rows, metric, results, out, tables))
     log_to_wandb(rows, out, wandb)
     return path
 

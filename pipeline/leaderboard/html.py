@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 
 from pipeline.leaderboard.table import (
     Column,
+    budget_point,
     column,
     direction,
     format_cell,
@@ -27,6 +28,8 @@ from pipeline.leaderboard.table import (
     skipped_by_reason,
     used_columns,
 )
+from pipeline.leaderboard.table import ranks as table_ranks
+from pipeline.leaderboard.text import budget_label
 from pipeline.metrics import KEY_MEMORIZATION
 
 # shown unfolded when present: the fidelity metrics and the budget; the rest behind "all columns"
@@ -63,6 +66,7 @@ tr.ref { color: #777; font-style: italic; } td.num { text-align: right; font-var
 .secondary { display: none; } table.all .secondary { display: table-cell; }
 .flag { color: #b35c00; font-weight: 600; cursor: help; }
 button { font-size: 12px; margin: 6px 0; }
+.budget-tables { display: flex; flex-wrap: wrap; gap: 18px; } table.budget caption { font-weight: bold; }
 .grids { display: flex; flex-wrap: wrap; gap: 18px; }
 .grids figure { margin: 0; width: 300px; } .grids figcaption { font-size: 12px; margin-top: 4px; }
 img.grid.pairs { width: 90px; }
@@ -288,7 +292,83 @@ def _scatter(rows: list[dict], metric: str, x_of: Callable[[dict], Any], x_label
             "</figcaption></figure>")
 
 
-def render_html(rows: list[dict], metric: str, ranks: list[str], results: str | Path, out: Path) -> str:
+_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+
+
+def _budget_lines(rows: list[dict], metric: str, unit: str, x_label: str, width: int = 560, height: int = 340) -> str:
+    """SVG line plot of ``metric`` against the budget spent (log x), one line per run through its budget points;
+    the reference rows as dashed lines."""
+    value = column(metric).value
+    runs: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        x = ((r.get("budget") or {}).get("spent") or {}).get(unit)
+        y = value(r)
+        if not is_reference_row(r) and budget_point(r) is not None and x and x > 0 and y is not None:
+            runs.setdefault(str(r["run_id"]), []).append((math.log10(x), y))
+    refs = [(value(r), r["run_id"]) for r in rows if is_reference_row(r) and value(r) is not None]
+    title = f"{metric} vs {x_label}"
+    if not runs:
+        return f"<figure><figcaption>{html.escape(title)}: no run evaluated along its budget</figcaption></figure>"
+    pad_l, pad_b, pad_t, pad_r = 64, 42, 24, 24
+    xs = [x for pts in runs.values() for x, _ in pts]
+    ys = [y for pts in runs.values() for _, y in pts] + [y for y, _ in refs]
+    x0, x1 = min(xs) - 0.2, max(xs) + 0.2
+    y0, y1 = min(0.0, min(ys)), max(ys) * 1.08 or 1.0
+
+    def sx(v: float) -> float:
+        return pad_l + (v - x0) / (x1 - x0) * (width - pad_l - pad_r)
+
+    def sy(v: float) -> float:
+        return height - pad_b - (v - y0) / (y1 - y0) * (height - pad_b - pad_t)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11">',
+             f'<line x1="{pad_l}" y1="{height - pad_b}" x2="{width - pad_r}" y2="{height - pad_b}" stroke="#000"/>',
+             f'<line x1="{pad_l}" y1="{pad_t}" x2="{pad_l}" y2="{height - pad_b}" stroke="#000"/>']
+    for decade in range(math.ceil(x0), math.floor(x1) + 1):
+        parts.append(f'<text x="{sx(decade):.1f}" y="{height - pad_b + 14}" text-anchor="middle">1e{decade}</text>')
+    for v in [y0 + (y1 - y0) * i / 4 for i in range(5)]:
+        parts.append(f'<text x="{pad_l - 4}" y="{sy(v) + 4:.1f}" text-anchor="end">{v:.3g}</text>')
+    for y, name in refs:
+        parts.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#999" '
+                     f'stroke-dasharray="4 3"/><text x="{width - pad_r}" y="{sy(y) - 3:.1f}" text-anchor="end" '
+                     f'fill="#777">{html.escape(name)}</text>')
+    legend = []
+    for i, (name, pts) in enumerate(sorted(runs.items())):
+        colour = _COLOURS[i % len(_COLOURS)]
+        pts.sort()
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+        parts.append(f'<polyline class="budget-line" points="{path}" fill="none" stroke="{colour}" stroke-width="2">'
+                     f'<title>{html.escape(name)}</title></polyline>')
+        parts += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{colour}"/>' for x, y in pts]
+        legend.append(f'<span style="color:{colour}">&#9632;</span> {html.escape(name)}')
+    parts.append(f'<text x="{(width + pad_l) / 2}" y="{height - 6}" text-anchor="middle">{html.escape(x_label)} '
+                 f'(log scale)</text><text x="8" y="{pad_t - 8}">{html.escape(metric)}</text></svg>')
+    return (f"<figure>{''.join(parts)}<figcaption>{html.escape(title)}<br><small>{' '.join(legend)}</small>"
+            "</figcaption></figure>")
+
+
+def _budget_section(tables: list, rows: list[dict], metric: str) -> str:
+    if not tables:
+        return ""
+    c = column(metric)
+    blocks = []
+    for point, at in tables:
+        body = "".join(f"<tr><td>{rank}</td><td>{_breakable(r['run_id'])}</td><td>{html.escape(str(r.get('family')))}"
+                       f"</td><td class=\"num\">{html.escape(format_cell(r, c))}</td></tr>"
+                       for rank, r in zip(table_ranks(at), at))
+        blocks.append(f'<table class="budget"><caption>{html.escape(budget_label(point))}</caption><thead><tr>'
+                      f'<th>rank</th><th>run</th><th>family</th><th>{html.escape(c.label)}</th></tr></thead>'
+                      f"<tbody>{body}</tbody></table>")
+    plots = (_budget_lines(rows, metric, "flops", "training FLOPs")
+             + _budget_lines(rows, metric, "device_hours", "device-hours"))
+    return (f"<h2>At equal training budgets</h2><p>Each run scored at every budget point <code>run.evaluate_every"
+            f"</code> kept, ranked by <b>{html.escape(metric)}</b> at that point; the table above shows the largest "
+            f"point every run reached.</p><div class=\"budget-tables\">{''.join(blocks)}</div>"
+            f"<div class=\"plots\">{plots}</div>")
+
+
+def render_html(rows: list[dict], metric: str, ranks: list[str], results: str | Path, out: Path,
+                tables: Optional[list] = None, every: Optional[list[dict]] = None) -> str:
     plots = (_scatter(rows, metric, lambda r: r.get("cost", {}).get("images_seen"), "training images seen")
              + _scatter(rows, metric, lambda r: r.get("cost", {}).get("sampling_images_per_s"), "sampling images/s"))
     return f"""<!DOCTYPE html>
@@ -303,6 +383,7 @@ budget than most (hover for which). {html.escape(sample_count_note(rows, metric)
 <button id="all-columns">all columns</button>
 {_table(rows, metric, ranks, out)}
 {_skipped(rows)}
+{_budget_section(tables or [], every or rows, metric)}
 {_grids(rows, metric)}
 {_closest_pairs(rows)}
 <h2>Plots</h2><div class="plots">{plots}</div>

@@ -87,6 +87,8 @@ COLUMNS = [
     Column("sampling_img_per_s", ("cost", "sampling_images_per_s"), "{:.1f}"),
     Column("device_hours", ("cost", "device_hours"), "{:.4f}"),
     Column("images_seen", ("cost", "images_seen"), "{:,}"),
+    Column("training_flops", ("cost", "training_flops"), "{:.3g}"),
+    Column("budget_point", ("budget", "point"), "{:.4g}"),
     Column("num_samples", ("protocol", "num_samples"), "{:,}"),
     Column("repeats", ("protocol", "repeats"), "{}"),
 ]
@@ -108,12 +110,53 @@ def load_records(results: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def budget_point(record: dict) -> Optional[tuple[str, float]]:
+    """(unit, amount) of the training budget point a record's weights stand for; None when it has none."""
+    budget = record.get("budget") or {}
+    return None if budget.get("point") is None else (budget["point_unit"], float(budget["point"]))
+
+
 def latest_per_protocol(records: list[dict]) -> list[dict]:
-    """One row per (run, protocol): the newest evaluation."""
+    """One row per (run, protocol, budget point): the newest evaluation."""
     latest: dict[tuple, dict] = {}
     for r in sorted(records, key=lambda r: r["created"]):
-        latest[(r["run_id"], r["protocol"]["protocol_id"])] = r
+        latest[(r["run_id"], r["protocol"]["protocol_id"], budget_point(r))] = r
     return list(latest.values())
+
+
+def common_budget_view(rows: list[dict]) -> list[dict]:
+    """One row per run: a run evaluated at several budget points is shown at the largest point that every such
+    run reached (in the unit most of them use), so the default ranking compares equal budgets; rows without a
+    budget point stay as they are. The other points are in ``budget_tables``."""
+    pointed = [r for r in rows if budget_point(r) is not None]
+    if not pointed:
+        return rows
+    units = [budget_point(r)[0] for r in pointed]  # type: ignore[index]
+    unit = max(set(units), key=units.count)
+    reached: dict[str, float] = {}
+    for r in pointed:
+        u, point = budget_point(r)  # type: ignore[misc]
+        if u == unit:
+            reached[r["run_id"]] = max(reached.get(r["run_id"], 0.0), point)
+    common = min(reached.values()) if reached else None
+    keep = [r for r in rows if budget_point(r) is None and r["run_id"] not in reached]
+    keep += [r for r in pointed if budget_point(r) == (unit, common)]
+    return keep
+
+
+def budget_tables(rows: list[dict], metric: str) -> list[tuple[tuple[str, float], list[dict]]]:
+    """Per budget point (unit, amount), the rows evaluated there, best first on ``metric``; reference rows frame
+    every table. Rows without a budget point are never mixed in."""
+    references = [r for r in rows if is_reference_row(r)]
+    points = sorted({p for r in rows if (p := budget_point(r)) is not None})
+    c = column(metric)
+    sign = 1.0 if c.lower_is_better else -1.0
+    tables = []
+    for point in points:
+        at = sorted((r for r in rows if budget_point(r) == point), key=lambda r: (c.value(r) is None,
+                                                                                   sign * (c.value(r) or 0.0)))
+        tables.append((point, at + references))
+    return tables
 
 
 def is_reference_row(record: dict) -> bool:
@@ -178,10 +221,12 @@ def direction(metric: str) -> str:
 SORTABLE = [c.header for c in COLUMNS if c.has_std and c.lower_is_better is not None]
 
 
-def ranked_rows(results: str | Path, sort: Optional[str] = None) -> tuple[list[dict], str]:
-    """The newest record per (run, protocol), best first on ``sort`` (default: the primary metric); rows
-    without it last."""
+def ranked_rows(results: str | Path, sort: Optional[str] = None, every_point: bool = False) -> tuple[list[dict], str]:
+    """The newest record per (run, protocol), at the largest budget point every budgeted run reached (or at
+    every point, ``every_point``), best first on ``sort`` (default: the primary metric); rows without it last."""
     rows = latest_per_protocol(load_records(results))
+    if not every_point:
+        rows = common_budget_view(rows)
     if sort is not None and sort not in SORTABLE:
         raise ValueError(f"--sort {sort!r}: choose one of {', '.join(SORTABLE)}")
     counts = sample_counts(rows)

@@ -11,6 +11,7 @@ from typing import Optional
 from pipeline.leaderboard.table import (
     COLUMNS,
     METRIC_COLUMNS,
+    column,
     direction,
     format_cell,
     ranks,
@@ -35,7 +36,36 @@ def render_csv(rows: list[dict], out: Path) -> str:
     return buf.getvalue()
 
 
-def render_markdown(rows: list[dict], metric: str, results: str | Path, out: Path) -> str:
+def budget_label(point: tuple[str, float]) -> str:
+    unit, amount = point
+    return f"{amount:,.0f} images" if unit == "images" else f"{amount:.3g} training FLOPs" if unit == "flops" \
+        else f"{amount:.3g} device-hours"
+
+
+def render_budget_tables(tables: list, metric: str) -> list[str]:
+    """One small table per budget point: each run's rank at that equal budget, and what it had spent."""
+    if not tables:
+        return []
+    c = column(metric)
+    lines = ["", "## At equal training budgets", "",
+             f"Each run scored at every budget point `run.evaluate_every` kept, ranked by `{metric}` at that point. "
+             "Runs trained without a budget are not in these tables.", ""]
+    for point, rows in tables:
+        lines += [f"### {budget_label(point)}", "", f"| rank | run | family | {c.label} | images | training FLOPs | "
+                  "device-hours |", "|---|---|---|---|---|---|---|"]
+        for rank, r in zip(ranks(rows), rows):
+            spent = (r.get("budget") or {}).get("spent") or {}
+            cells = [rank, str(r["run_id"]), str(r.get("family", "")), format_cell(r, c),
+                     "" if spent.get("images") is None else f"{spent['images']:,.0f}",
+                     "" if spent.get("flops") is None else f"{spent['flops']:.3g}",
+                     "" if spent.get("device_hours") is None else f"{spent['device_hours']:.4f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def render_markdown(rows: list[dict], metric: str, results: str | Path, out: Path,
+                    tables: Optional[list] = None) -> str:
     used = used_columns(rows)
     headers = ["rank"] + [c.label for c in used] + ["links"]
     lines = ["# genbench leaderboard\n",
@@ -50,6 +80,7 @@ def render_markdown(rows: list[dict], metric: str, results: str | Path, out: Pat
         if r.get("run_dir"):
             links += f" [run]({relative(r['run_dir'], out)})"
         lines.append("| " + " | ".join([rank] + [format_cell(r, c) for c in used] + [links]) + " |")
+    lines += render_budget_tables(tables or [], metric)
     skipped = sorted({f"- `{k}` skipped for {r['run_id']}: {v}" for r in rows for k, v in r.get("skipped", {}).items()})
     if skipped:
         lines += ["", "## Skipped metrics", ""] + skipped

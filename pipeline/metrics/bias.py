@@ -71,9 +71,9 @@ def per_class_fd(generated: Sequence[Optional[dict]], reference: Sequence[Option
 
     A class with fewer than ``min_count`` images on either side gets no number, with the reason: an FD
     from a handful of images measures their count more than their quality. With the generated feature
-    vectors and their predicted classes, each class also gets FD-infinity (``per_class_inf``), and
-    ``worst_to_best`` (the quality disparity between classes, over the classes scored) is taken from it,
-    so rows of different sample counts compare fairly; without them, from the plain FDs."""
+    vectors and their predicted classes, each class also gets FD-infinity (``per_class_inf``) where it has
+    enough images for one, and ``worst_to_best`` (the quality disparity between classes, over the classes
+    scored) is taken from FD-infinity when every scored class has it; otherwise from the plain FDs."""
     per_class: dict[str, Optional[float]] = {}
     per_class_inf: dict[str, Optional[float]] = {}
     counts: dict[str, int] = {}
@@ -88,12 +88,19 @@ def per_class_fd(generated: Sequence[Optional[dict]], reference: Sequence[Option
             continue
         per_class[name] = frechet_distance(g, r)
         if generated_features is not None and predicted is not None:
-            per_class_inf[name] = fd_infinity(generated_features[predicted == c], r)
-    fair = per_class_inf if generated_features is not None else per_class
+            try:
+                per_class_inf[name] = fd_infinity(generated_features[predicted == c], r)
+            except ValueError as e:  # too few images of the class to extrapolate (N >= 10 x the dimension)
+                skipped[name] = f"FD-infinity: {e}"
+    # the disparity from FD-infinity when every scored class has one, else from the plain FDs (then biased by
+    # the classes' different counts: a row's worst_to_best is not ranked across sample counts either way)
+    from_inf = generated_features is not None and all(
+        per_class_inf[n] is not None for n, v in per_class.items() if v is not None)
+    fair = per_class_inf if from_inf else per_class
     scored = {name: v for name, v in fair.items() if v is not None}
     values = list(scored.values())
     ratio = max(values) / min(values) if len(values) >= 2 and min(values) > 0 else None
     return {"per_class": per_class, "per_class_inf": per_class_inf if generated_features is not None else None,
             "counts": counts, "min_count": min_count, "skipped": skipped, "worst_to_best": ratio,
-            "worst_to_best_from": "fd_infinity" if generated_features is not None else "fd",
+            "worst_to_best_from": "fd_infinity" if from_inf else "fd",
             "worst_class": max(scored, key=lambda c: scored[c]) if len(values) >= 2 else None}

@@ -92,6 +92,9 @@ class GenerativeModule(LightningModule):
             raise ValueError(f"model.init_args.sample_batch_size={sample_batch_size} must be at least 1")
         self.sample_batch_size = sample_batch_size
         self.images_seen = 0
+        # training cost in the budget's units (pipeline.fit.budget measures and accumulates them)
+        self.flops_per_image: Optional[float] = None
+        self.device_seconds = 0.0
         self.last_bits_per_dim: Optional[float] = None
         self._nonfinite: Optional[torch.Tensor] = None  # [first non-finite step, its loss], see check_finite
         self._batches_unchecked = 0
@@ -104,6 +107,12 @@ class GenerativeModule(LightningModule):
     @property
     def nfe(self) -> int:
         """Network evaluations per sample."""
+        return 1
+
+    @property
+    def flops_period(self) -> int:
+        """Training batches after which the work per batch repeats (the GAN's n_critic): FLOPs per image are
+        measured over this many."""
         return 1
 
     # -- the common interface -----------------------------------------------------------------
@@ -154,7 +163,9 @@ class GenerativeModule(LightningModule):
     def cost(self) -> dict[str, Any]:
         """Cost figures for the leaderboard: parameters, network evaluations per sample, likelihood."""
         return {"parameters": sum(p.numel() for p in self.parameters()), "nfe": self.nfe,
-                "bits_per_dim": self.last_bits_per_dim, "images_seen": self.images_seen}
+                "bits_per_dim": self.last_bits_per_dim, "images_seen": self.images_seen,
+                "flops_per_image": self.flops_per_image,
+                "training_flops": None if self.flops_per_image is None else self.images_seen * self.flops_per_image}
 
     # -- guards and bookkeeping -----------------------------------------------------------------
     def check_finite(self, loss: torch.Tensor) -> None:
@@ -208,12 +219,15 @@ class GenerativeModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.raise_if_nonfinite()  # raised before anything is written: a diverged run keeps its last good checkpoint
         checkpoint["genbench"] = {"images_seen": self.images_seen, "last_bits_per_dim": self.last_bits_per_dim,
-                                  "family": self.family}
+                                  "family": self.family, "flops_per_image": self.flops_per_image,
+                                  "device_seconds": self.device_seconds}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("genbench", {})
         self.images_seen = state.get("images_seen", 0)
         self.last_bits_per_dim = state.get("last_bits_per_dim")
+        self.flops_per_image = state.get("flops_per_image")
+        self.device_seconds = state.get("device_seconds", 0.0)
 
     def configure_callbacks(self) -> list[Callback]:
         from pipeline.models.grids import SampleGrids

@@ -120,6 +120,10 @@ class GAN(GenerativeModule):
     def _g_loss(self, fake_logits: torch.Tensor) -> torch.Tensor:
         return -fake_logits.mean() if self.arch == "sngan" else F.softplus(-fake_logits).mean()
 
+    @property
+    def flops_period(self) -> int:
+        return self.n_critic  # one generator step every n_critic batches
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
         opt_g, opt_d = self.optimizers()  # type: ignore[attr-defined]  # a list: configure_optimizers returns two
         real = batch["image"]
