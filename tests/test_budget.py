@@ -160,3 +160,12 @@ def test_the_budget_experiment_runs_end_to_end_at_a_shrunk_size(tmp_path, digits
     section = board.split("## At equal training budgets")[1].split("## Skipped metrics")[0]
     for family in ("vae", "gan", "ddpm", "ar"):
         assert section.count(f"| {family} |") == 2, family  # at 128 and at 256 images
+
+
+@pytest.mark.slow
+def test_a_device_hours_budget_stops_at_the_first_batch_past_it(tmp_path, digits_shards):
+    run_dir = fit(_args(tmp_path, digits_shards, "vae", "--run.budget={device_hours: 0.001}"))  # 3.6 s
+    info, state = _spent(run_dir)
+    assert info["status"] == "finished" and info["images_seen"] == state["images_seen"] > 0
+    # at the batch that crossed 3.6 s (a batch of this VAE takes milliseconds), not at some later limit
+    assert 3.6 <= state["device_seconds"] < 6.0

@@ -58,9 +58,9 @@ class MemorizationAudit:
 
     def describe(self) -> dict[str, Any]:
         """The audit's settings and spaces, for the record's protocol."""
-        return {**self.settings.as_dict(), "headline_space": HEADLINE_SPACE, "spaces": {
-                    name: self._distance(name) for name in self.spaces},
-                "held_out": None if self.held_out_images is None else self.held_out_images.describe()}
+        spaces = {name: self._distance(name) for name in self.spaces}
+        held_out = None if self.held_out_images is None else self.held_out_images.describe()
+        return {**self.settings.as_dict(), "headline_space": HEADLINE_SPACE, "spaces": spaces, "held_out": held_out}
 
     def _distance(self, name: str) -> str:
         if name == HEADLINE_SPACE and self.settings.max_shift:
