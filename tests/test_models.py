@@ -174,7 +174,8 @@ def test_cost_reports_hand_counted_parameters_and_nfe():
     2 x 32, qkv 16 x 48 + 48 = 816, projection 16 x 16 + 16 = 272, MLP 16 x 64 + 64 = 1,088 and
     64 x 16 + 16 = 1,040, so 3,280 a block and 6,560 for two; final LayerNorm 32; head 16 x 256 = 4,096 (no
     bias). 15,824 in all; a conditional model adds 10 class tokens x 16 = 160."""
-    assert _model("ar").cost() == {"parameters": 15_824, "nfe": 64, "bits_per_dim": None, "images_seen": 0}
+    assert _model("ar").cost() == {"parameters": 15_824, "nfe": 64, "bits_per_dim": None, "images_seen": 0,
+                                   "flops_per_image": None, "training_flops": None}  # not trained: not measured
     assert _model("ar", num_classes=10).cost()["parameters"] == 15_984
     assert _model("vae").cost()["nfe"] == 1 and _model("gan").cost()["nfe"] == 1
 
