@@ -122,6 +122,12 @@ class TrainingBudget(Callback):
                 trainer.should_stop = True
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._counter is not None:  # training ended inside a measured batch
+        self._stop_counting()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._stop_counting()  # a step that failed inside a measured batch leaves no counter behind
+
+    def _stop_counting(self) -> None:
+        if self._counter is not None:
             self._counter.__exit__(None, None, None)
             self._counter = None
