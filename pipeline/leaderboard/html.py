@@ -238,6 +238,27 @@ def _closest_pairs(rows: list[dict]) -> str:
             f'(underfitting).</p><div class="grids">{"".join(figures)}</div>')
 
 
+PAD_L, PAD_B, PAD_T, PAD_R = 64, 42, 24, 24  # plot margins: y labels left, x labels below
+
+
+def _frame(width: int, height: int, x_range: tuple[float, float], y_ticks: list[float],
+           refs: list[tuple[float, str]], sx: Callable[[float], float], sy: Callable[[float], float]) -> list[str]:
+    """The opening of a plot's SVG: the axes, a label per decade of the log x axis, the y tick labels, and the
+    reference rows as labelled dashed lines."""
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11">',
+             f'<line x1="{PAD_L}" y1="{height - PAD_B}" x2="{width - PAD_R}" y2="{height - PAD_B}" stroke="#000"/>',
+             f'<line x1="{PAD_L}" y1="{PAD_T}" x2="{PAD_L}" y2="{height - PAD_B}" stroke="#000"/>']
+    for decade in range(math.ceil(x_range[0]), math.floor(x_range[1]) + 1):
+        parts.append(f'<text x="{sx(decade):.1f}" y="{height - PAD_B + 14}" text-anchor="middle">1e{decade}</text>')
+    for v in y_ticks:
+        parts.append(f'<text x="{PAD_L - 4}" y="{sy(v) + 4:.1f}" text-anchor="end">{v:.3g}</text>')
+    for y, name in refs:
+        parts.append(f'<line x1="{PAD_L}" x2="{width - PAD_R}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#999" '
+                     f'stroke-dasharray="4 3"/><text x="{width - PAD_R}" y="{sy(y) - 3:.1f}" text-anchor="end" '
+                     f'fill="#777">{html.escape(name)}</text>')
+    return parts
+
+
 def _scatter(rows: list[dict], metric: str, x_of: Callable[[dict], Any], x_label: str, width: int = 560,
              height: int = 340) -> str:
     """SVG scatter of ``metric`` against a positive x on a log axis; reference rows as dashed lines. The y axis
@@ -250,7 +271,7 @@ def _scatter(rows: list[dict], metric: str, x_of: Callable[[dict], Any], x_label
     title = f"{metric} vs {x_label}"
     if not points:
         return f"<figure><figcaption>{html.escape(title)}: no rows with both values</figcaption></figure>"
-    pad_l, pad_b, pad_t, pad_r = 64, 42, 24, 24
+    pad_l, pad_b, pad_t, pad_r = PAD_L, PAD_B, PAD_T, PAD_R
     ys = [y for _, y, _ in points] + [y for y, _ in refs]
     log_y = min(ys) > 0 and max(ys) / min(ys) > 20
     ty: Callable[[float], float] = (lambda v: math.log10(v)) if log_y else (lambda v: v)
@@ -264,19 +285,9 @@ def _scatter(rows: list[dict], metric: str, x_of: Callable[[dict], Any], x_label
     def sy(v: float) -> float:
         return height - pad_b - (ty(v) - y0) / (y1 - y0) * (height - pad_b - pad_t)
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11">',
-             f'<line x1="{pad_l}" y1="{height - pad_b}" x2="{width - pad_r}" y2="{height - pad_b}" stroke="#000"/>',
-             f'<line x1="{pad_l}" y1="{pad_t}" x2="{pad_l}" y2="{height - pad_b}" stroke="#000"/>']
-    for decade in range(math.ceil(x0), math.floor(x1) + 1):
-        parts.append(f'<text x="{sx(decade):.1f}" y="{height - pad_b + 14}" text-anchor="middle">1e{decade}</text>')
     ticks = [10 ** e for e in range(math.ceil(y0), math.floor(y1) + 1)] if log_y else \
         [y0 + (y1 - y0) * i / 4 for i in range(5)]
-    for v in ticks:
-        parts.append(f'<text x="{pad_l - 4}" y="{sy(v) + 4:.1f}" text-anchor="end">{v:.3g}</text>')
-    for y, name in refs:
-        parts.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#999" '
-                     f'stroke-dasharray="4 3"/><text x="{width - pad_r}" y="{sy(y) - 3:.1f}" text-anchor="end" '
-                     f'fill="#777">{html.escape(name)}</text>')
+    parts = _frame(width, height, (x0, x1), ticks, refs, sx, sy)
     legend = []
     for number, ((_, y, name), lx) in enumerate(zip(points, xs), 1):
         parts.append(f'<circle cx="{sx(lx):.1f}" cy="{sy(y):.1f}" r="4" fill="#1f77b4"><title>{html.escape(name)}: '
@@ -309,7 +320,7 @@ def _budget_lines(rows: list[dict], metric: str, unit: str, x_label: str, width:
     title = f"{metric} vs {x_label}"
     if not runs:
         return f"<figure><figcaption>{html.escape(title)}: no run evaluated along its budget</figcaption></figure>"
-    pad_l, pad_b, pad_t, pad_r = 64, 42, 24, 24
+    pad_l, pad_b, pad_t, pad_r = PAD_L, PAD_B, PAD_T, PAD_R
     xs = [x for pts in runs.values() for x, _ in pts]
     ys = [y for pts in runs.values() for _, y in pts] + [y for y, _ in refs]
     x0, x1 = min(xs) - 0.2, max(xs) + 0.2
@@ -321,17 +332,7 @@ def _budget_lines(rows: list[dict], metric: str, unit: str, x_label: str, width:
     def sy(v: float) -> float:
         return height - pad_b - (v - y0) / (y1 - y0) * (height - pad_b - pad_t)
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11">',
-             f'<line x1="{pad_l}" y1="{height - pad_b}" x2="{width - pad_r}" y2="{height - pad_b}" stroke="#000"/>',
-             f'<line x1="{pad_l}" y1="{pad_t}" x2="{pad_l}" y2="{height - pad_b}" stroke="#000"/>']
-    for decade in range(math.ceil(x0), math.floor(x1) + 1):
-        parts.append(f'<text x="{sx(decade):.1f}" y="{height - pad_b + 14}" text-anchor="middle">1e{decade}</text>')
-    for v in [y0 + (y1 - y0) * i / 4 for i in range(5)]:
-        parts.append(f'<text x="{pad_l - 4}" y="{sy(v) + 4:.1f}" text-anchor="end">{v:.3g}</text>')
-    for y, name in refs:
-        parts.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#999" '
-                     f'stroke-dasharray="4 3"/><text x="{width - pad_r}" y="{sy(y) - 3:.1f}" text-anchor="end" '
-                     f'fill="#777">{html.escape(name)}</text>')
+    parts = _frame(width, height, (x0, x1), [y0 + (y1 - y0) * i / 4 for i in range(5)], refs, sx, sy)
     legend = []
     for i, (name, pts) in enumerate(sorted(runs.items())):
         colour = _COLOURS[i % len(_COLOURS)]
