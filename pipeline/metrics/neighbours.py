@@ -51,9 +51,11 @@ def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int,
     keep = min(k + RERANK_MARGIN, available)
     best_d = torch.empty((len(q), 0), device=q.device)
     best_i = torch.empty((len(q), 0), dtype=torch.long, device=q.device)
+    bank_norms = []
     for start in range(0, len(bank), BANK_CHUNK):
         b = as_float(bank[start:start + BANK_CHUNK])
-        d2 = q_norm[:, None] + (b * b).sum(1)[None, :] - 2 * (q @ b.T)
+        bank_norms.append((b * b).sum(1))
+        d2 = q_norm[:, None] + bank_norms[-1][None, :] - 2 * (q @ b.T)
         if self_index is not None:
             rows = torch.nonzero((self_index >= start) & (self_index < start + len(b))).flatten()
             d2[rows, self_index[rows] - start] = float("inf")
@@ -62,8 +64,7 @@ def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int,
         best_i = torch.cat([best_i, i + start], 1).gather(1, order)
     # where the identity cancels (a pair much closer than its vectors are long: a near-copy), recompute from the
     # difference; elsewhere its relative error is below 1e-4 and the pair is left as it is
-    bank_norm = torch.cat([(as_float(bank[start:start + BANK_CHUNK]) ** 2).sum(1)
-                           for start in range(0, len(bank), BANK_CHUNK)])
+    bank_norm = torch.cat(bank_norms)
     rows, cols = torch.nonzero(best_d < CANCELLATION * (q_norm[:, None] + bank_norm[best_i]), as_tuple=True)
     for start in range(0, len(rows), RERANK_PAIRS):
         r, c = rows[start:start + RERANK_PAIRS], cols[start:start + RERANK_PAIRS]
