@@ -75,9 +75,9 @@ def run_checkpoints(run_dir: Path, which: str = "last") -> list[Path]:
         return [last]
     if which != "all":
         raise BenchmarkError(f"--checkpoints {which!r}: use last or all")
-    points = sorted(directory.glob("eval-*.ckpt"), key=lambda p: checkpoint_progress(p)["global_step"] or 0)
-    if last.exists() and (not points or checkpoint_progress(points[-1])["global_step"] !=
-                          checkpoint_progress(last)["global_step"]):
+    step = {p: checkpoint_progress(p)["global_step"] or 0 for p in directory.glob("eval-*.ckpt")}
+    points = sorted(step, key=step.__getitem__)
+    if last.exists() and (not points or step[points[-1]] != checkpoint_progress(last)["global_step"]):
         points.append(last)
     return points or [last]
 
