@@ -1,4 +1,5 @@
-"""genbench command line: prepare | fit | benchmark | leaderboard | run | submit | train-auditor | fetch-weights."""
+"""genbench command line: prepare | fit | benchmark | leaderboard | run | submit | generate | serve | train-auditor |
+fetch-weights."""
 
 from __future__ import annotations
 
@@ -18,8 +19,12 @@ COMMANDS = {
     "leaderboard": "build leaderboard.md / .csv / .html from result records",
     "run": "prepare, fit, benchmark and rank one or more experiments (or a suite such as experiments/quickstart.yaml)",
     "submit": "submit a sweep (families x seeds x overrides) to SLURM: train array -> benchmark array -> leaderboard",
+    "generate": "ask an OpenAI-compatible images endpoint (a service, or genbench serve) for K images per prompt of a "
+                "suite; resumable",
+    "serve": "an OpenAI-compatible images endpoint in front of a trained run (POST /v1/images/generations)",
     "train-auditor": "train the auditor classifier of a shard directory (done automatically by benchmark)",
-    "fetch-weights": "download feature-network weights (InceptionV3, DINOv2) into the torch hub cache (needs internet)",
+    "fetch-weights": "download feature-network weights (InceptionV3, DINOv2, CLIP) into the torch hub cache "
+                     "(needs internet)",
 }
 
 
@@ -78,13 +83,17 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=1,
                        help="draw this many sample sets (seeds seed..seed+R-1); the record holds mean and std")
     bench.add_argument("--metrics", help="comma-separated subset of fid,is,kid,pr,fd_auditor,audit,memorization,"
-                                         "fd_dinov2 (default: all but fd_dinov2)")
+                                         "fd_dinov2,clip_score,demographics (default: all but fd_dinov2; "
+                                         "clip_score and demographics for a set genbench generate wrote)")
     bench.add_argument("--inception-weights", metavar="PATH",
                        help=f"torch-fidelity's InceptionV3 weights, the file {INCEPTION_FILE} (default: the torch "
                             "hub cache, where `genbench fetch-weights` puts it)")
     bench.add_argument("--dinov2-weights", metavar="PATH",
                        help="DINOv2 ViT-L/14 weights for fd_dinov2, Meta's dinov2_vitl14_pretrain.pth (default: the "
                             "torch hub cache, where `genbench fetch-weights dinov2` puts it)")
+    bench.add_argument("--clip-weights", metavar="PATH",
+                       help="CLIP ViT-B/32 weights for clip_score and the gender detector (default: the torch hub "
+                            "cache, where `genbench fetch-weights clip` puts it)")
     bench.add_argument("--auditor", help="auditor checkpoint (default: trained on the reference's labels and cached)")
     bench.add_argument("--batch-size", type=int, default=250, help="images per batch (default 250)")
     bench.add_argument("--allow-tf32", action="store_true",
@@ -126,14 +135,54 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--sweeps", default="sweeps", help="where each sweep's task lists, logs and sweep.json go "
                                                        "(default sweeps/, then <name>/)")
 
+    gen = sub.add_parser(
+        "generate", help=COMMANDS["generate"], description=COMMANDS["generate"] +
+        ". Retries 408/409/429/5xx, timeouts and dropped connections with backoff (honouring Retry-After); records "
+        "content-policy refusals and goes on; the same command again requests only the images still missing.")
+    gen.add_argument("--api-base", required=True,
+                     help="the API's base URL, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
+    gen.add_argument("--model", required=True, help="the model name the service knows, e.g. dall-e-3, gpt-image-1")
+    gen.add_argument("--prompts", required=True, help="prompt suite: JSONL or YAML (see prompts/)")
+    gen.add_argument("--out", required=True, help="directory of the generated set (images/, meta/, generation.json)")
+    gen.add_argument("--images-per-prompt", type=int, default=1, help="images K per prompt (default 1)")
+    gen.add_argument("--size", help="WIDTHxHEIGHT to ask for, e.g. 1024x1024 (checked on every image); default: "
+                                    "the service's")
+    gen.add_argument("--quality", help="the service's quality setting, e.g. standard, hd, low, high")
+    gen.add_argument("--response-format", choices=("b64_json", "url", "none"), default="b64_json",
+                     help="ask for b64_json (default) or url; none sends no response_format (gpt-image rejects it)")
+    gen.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
+    gen.add_argument("--max-retries", type=int, default=4, help="retries per request (default 4)")
+    gen.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one answer (default 120)")
+    gen.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                     help="environment variable holding the API key (default OPENAI_API_KEY; a loopback endpoint "
+                          "needs none)")
+    gen.add_argument("--price-per-image", type=float, help="USD per image, for the record's cost")
+    gen.add_argument("--retry-refused", action="store_true", help="ask again for images that were refused before")
+
+    srv = sub.add_parser("serve", help=COMMANDS["serve"], description=COMMANDS["serve"] +
+                         ". Prompts map to classes through the shards' class names; concurrent requests are "
+                         "sampled in one batch.")
+    srv.add_argument("--run", required=True, help="run directory (runs/<id>)")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to bind (default 127.0.0.1; any other needs a key in --api-key-env)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    srv.add_argument("--api-key-env", default="GENBENCH_API_KEY",
+                     help="environment variable holding the bearer key clients must send (default GENBENCH_API_KEY)")
+    srv.add_argument("--max-n", type=int, default=10, help="most images per request (default 10)")
+    srv.add_argument("--max-in-flight", type=int, default=64, help="requests answered at once; more get 429 "
+                                                                   "(default 64)")
+    srv.add_argument("--seed", type=int, default=0, help="seed of the served samples (default 0)")
+    srv.add_argument("--device", default="cpu", help="torch device to sample on (default cpu)")
+
     aud = sub.add_parser("train-auditor", help=COMMANDS["train-auditor"], description=COMMANDS["train-auditor"])
     aud.add_argument("--data", required=True, help="shard directory with labels")
     aud.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
     aud.add_argument("--out", help="checkpoint path (default: the cache, keyed by the manifest hash)")
 
     fetch = sub.add_parser("fetch-weights", help=COMMANDS["fetch-weights"], description=COMMANDS["fetch-weights"])
-    fetch.add_argument("networks", nargs="*", choices=("inception", "dinov2"), metavar="NETWORK",
-                       help="inception (default) and/or dinov2 (DINOv2 ViT-L/14, 1.2 GB, for --metrics fd_dinov2)")
+    fetch.add_argument("networks", nargs="*", choices=("inception", "dinov2", "clip"), metavar="NETWORK",
+                       help="inception (default), dinov2 (DINOv2 ViT-L/14, 1.2 GB, for --metrics fd_dinov2), clip "
+                            "(CLIP ViT-B/32, 600 MB, for clip_score and the demographic audit)")
     return p
 
 
@@ -244,7 +293,8 @@ def cmd_benchmark(args, extra) -> int:
     if args.sample_precision and not args.run:
         raise ValueError("--sample-precision sets how a --run's model samples; images made elsewhere are already drawn")
     opts = ScoreOptions(batch_size=args.batch_size, inception_weights=args.inception_weights, auditor=args.auditor,
-                        allow_tf32=args.allow_tf32, dinov2_weights=args.dinov2_weights)
+                        allow_tf32=args.allow_tf32, dinov2_weights=args.dinov2_weights,
+                        clip_weights=args.clip_weights)
     if args.metrics and not args.run:
         opts.metrics = parse_metrics(args.metrics)
     placement = init_from_environment()
@@ -320,6 +370,42 @@ def cmd_submit(args, extra) -> int:
     return 0
 
 
+def cmd_generate(args, extra) -> int:
+    from pipeline.services.client import GenerateError, GenerateOptions, generate
+
+    opts = GenerateOptions(api_base=args.api_base, model=args.model, prompts=args.prompts, out=args.out,
+                           images_per_prompt=args.images_per_prompt, size=args.size, quality=args.quality,
+                           response_format=None if args.response_format == "none" else args.response_format,
+                           concurrency=args.concurrency, max_retries=args.max_retries, timeout=args.timeout,
+                           api_key_env=args.api_key_env, price_per_image=args.price_per_image,
+                           retry_refused=args.retry_refused)
+    try:
+        outcome = generate(opts)
+    except GenerateError as e:
+        print(f"genbench generate: {e}\nwhat is done is kept in {args.out}; the same command resumes", file=sys.stderr)
+        return 2
+    print(f"{args.out}: {outcome.done} new image(s) in {outcome.wall_seconds:.1f} s ({outcome.skipped_existing} "
+          f"already there), {outcome.refused} refused, {outcome.failed} failed, {outcome.retries} retries")
+    if outcome.refused:
+        print(f"refusals are recorded in {args.out}/meta/<id>.json (\"refused\"); --retry-refused asks again")
+    if outcome.failed:
+        print(f"{outcome.failed} image(s) failed (see \"failed\" in {args.out}/meta/); run the same command again "
+              "to request them", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_serve(args, extra) -> int:
+    from pipeline.services.server import ServeError, ServeOptions, serve
+
+    try:
+        serve(ServeOptions(run=args.run, host=args.host, port=args.port, api_key_env=args.api_key_env,
+                           max_n=args.max_n, max_in_flight=args.max_in_flight, seed=args.seed, device=args.device))
+    except ServeError as e:
+        return _fail(e)
+    return 0
+
+
 def cmd_train_auditor(args, extra) -> int:
     from pathlib import Path
 
@@ -330,17 +416,20 @@ def cmd_train_auditor(args, extra) -> int:
 
 
 def cmd_fetch_weights(args, extra) -> int:
+    from pipeline.metrics.clip import CLIP_WEIGHTS
     from pipeline.metrics.dinov2 import DINOV2_WEIGHTS
     from pipeline.metrics.features import INCEPTION_WEIGHTS
 
-    weights = {"inception": INCEPTION_WEIGHTS, "dinov2": DINOV2_WEIGHTS}
+    weights = {"inception": INCEPTION_WEIGHTS, "dinov2": DINOV2_WEIGHTS, "clip": CLIP_WEIGHTS}
     for name in args.networks or ["inception"]:
         print(f"{weights[name].network} weights: {weights[name].download()}")
     return 0
 
 
 COMMAND_FUNCS = {"prepare": cmd_prepare, "benchmark": cmd_benchmark, "leaderboard": cmd_leaderboard, "run": cmd_run,
-                 "submit": cmd_submit, "train-auditor": cmd_train_auditor, "fetch-weights": cmd_fetch_weights}
+                 "submit": cmd_submit,
+                 "generate": cmd_generate, "serve": cmd_serve, "train-auditor": cmd_train_auditor,
+                 "fetch-weights": cmd_fetch_weights}
 
 if __name__ == "__main__":
     sys.exit(main())

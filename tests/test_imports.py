@@ -16,7 +16,7 @@ from conftest import REPO
 
 LAYERS = {
     "pipeline.cli": 6,
-    "pipeline.launch": 5,
+    "pipeline.launch": 5, "pipeline.services": 5,
     "pipeline.benchmark": 4, "pipeline.leaderboard": 4,
     "pipeline.fit": 3,
     "pipeline.models": 2, "pipeline.metrics": 2,

@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 
 from pipeline.data.datamodule import reference_batches
+from pipeline.data.generated import IMAGES, generated_images, is_generated_set, labels_of
+from pipeline.data.prompts import Prompt, PromptSuiteError
 from pipeline.data.shards import load_manifest, manifest_hash
 from pipeline.data.sources import IMAGE_EXTENSIONS
 
@@ -213,6 +215,39 @@ class FolderImages:
             yield Batch(torch.arange(start, stop), images, labels)
 
 
+class GeneratedSet(FolderImages):
+    """A set ``genbench generate`` wrote: its done images (refused and failed ones have no file), the prompt
+    entry of each (``prompts``, by index: CLIPScore and the demographic audit read them), the class each prompt
+    asked for as labels, and what made the set (``generation``: service, model, suite, totals)."""
+
+    def __init__(self, directory: str | Path, channels: Optional[int] = None,
+                 class_names: Optional[Sequence[str]] = None) -> None:
+        self.directory = Path(directory)
+        self.generation, done = generated_images(directory)
+        if not done:
+            raise ImageSourceError(f"{directory} holds no generated image yet (see {directory}/meta/ for refusals "
+                                   "and failures); run genbench generate again")
+        super().__init__(self.directory / IMAGES, channels=channels, class_names=class_names)
+        by_file = {g.file: g for g in done}
+        self.files = [p for p in self.files if p.name in by_file]
+        self.num_images = len(self.files)
+        self.images = [by_file[p.name] for p in self.files]
+        try:
+            labels = labels_of(self.images, self.class_names)
+        except PromptSuiteError as e:
+            raise ImageSourceError(f"{directory}: {e}; the suite's labels must be the reference's classes") from e
+        self.labels = None if labels is None else torch.tensor(labels, dtype=torch.long)
+
+    @property
+    def prompts(self) -> list[Prompt]:
+        return [g.prompt for g in self.images]
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "generated", "path": str(self.directory), "hash": self.content_hash,
+                "num_images": self.num_images, "model": self.generation.get("model"),
+                "api_base": self.generation.get("api_base"), "prompt_suite": self.generation.get("prompt_suite")}
+
+
 class ModelSamples:
     """``num_samples`` images drawn from a model (its EMA weights); conditional models are asked for
     balanced classes (sample i requests class i mod K). ``sampling_seconds`` is the time spent in
@@ -271,9 +306,15 @@ class UniformNoise:
 
 def open_images(path: str | Path, channels: Optional[int] = None, labels: Optional[str] = None,
                 class_names: Optional[Sequence[str]] = None, split: str = "train") -> Reference:
-    """A shard directory (from genbench prepare or other WebDataset tools) or a folder of image files."""
+    """A shard directory (from genbench prepare or other WebDataset tools), a set genbench generate wrote, or a
+    folder of image files."""
     if not Path(path).exists():
         raise ImageSourceError(f"{path} does not exist; pass a folder of images or a shard directory")
+    if is_generated_set(path):
+        if labels:
+            raise ImageSourceError(f"{path} is a set genbench generate wrote: its prompts give the labels; drop "
+                                   "--labels")
+        return GeneratedSet(path, channels=channels, class_names=class_names)
     if is_shard_directory(path):
         if labels:
             raise ImageSourceError(f"--labels applies to an image folder; the shards in {path} carry their own labels")

@@ -22,27 +22,44 @@ from pipeline.benchmark.passes import FeatureSet, cache_key, feature_pass, refer
 from pipeline.metrics import (
     AUDIT,
     AUDITOR_METRICS,
+    CLIP_SCORE,
     DEFAULT,
+    DEMOGRAPHICS,
     FD_AUDITOR,
     FD_DINOV2,
     FID,
     INCEPTION_METRICS,
     IS,
+    KEY_ALIGNMENT,
     KEY_AUDIT,
+    KEY_CLIP_SCORE,
+    KEY_DEMOGRAPHICS,
     KEY_FD_AUDITOR,
     KEY_FD_AUDITOR_INF,
     KEY_FD_DINOV2,
     KEY_FD_DINOV2_INF,
     KEY_FID,
     KEY_FID_INF,
+    KEY_GENDER_IMBALANCE,
     KEY_MEMORIZATION,
+    KEY_SKIN_TONE_IMBALANCE,
     KID,
     MEMORIZATION,
     PR,
     SELECTABLE,
 )
+from pipeline.metrics.alignment import alignment_report, clip_scores
 from pipeline.metrics.auditor import auditor_path, train_auditor
 from pipeline.metrics.bias import audit, histogram, per_class_fd
+from pipeline.metrics.clip import CLIP_WEIGHTS
+from pipeline.metrics.demographics import (
+    GENDER,
+    GENDER_CAPTIONS,
+    SKIN_TONE,
+    audit_attribute,
+    classifier_attribute,
+    gender_from_clip,
+)
 from pipeline.metrics.dinov2 import DINOV2_WEIGHTS
 from pipeline.metrics.extractors import EXTRACTORS, AuditorExtractor, FeatureExtractor
 from pipeline.metrics.features import WeightsUnavailable, resolve_inception_weights
@@ -71,6 +88,7 @@ class ScoreOptions:
     batch_size: int = 250
     inception_weights: Optional[str] = None
     dinov2_weights: Optional[str] = None
+    clip_weights: Optional[str] = None
     auditor: Optional[str] = None
     auditor_epochs: int = 10
     allow_tf32: bool = False
@@ -120,6 +138,17 @@ class Scorer:
                                                                  self.device, opts.allow_tf32)
             except WeightsUnavailable as e:
                 self.skipped[FD_DINOV2] = str(e)
+        self.clip_missing: Optional[str] = None
+        if self.wanted & {CLIP_SCORE, DEMOGRAPHICS}:
+            try:
+                self.extractors["clip"] = EXTRACTORS["clip"](CLIP_WEIGHTS.resolve(opts.clip_weights), self.device,
+                                                             opts.allow_tf32)
+            except WeightsUnavailable as e:
+                self.clip_missing = str(e)
+                if CLIP_SCORE in self.wanted:
+                    self.skipped[CLIP_SCORE] = str(e)
+        if DEMOGRAPHICS in self.wanted:
+            self.extractors["skin_tone"] = EXTRACTORS["skin_tone"]()
         if self.wanted & set(AUDITOR_METRICS) or MEMORIZATION in self.wanted:
             auditor, reason = _auditor(image_shape, reference, opts, placement, self.device)
             if auditor is not None:
@@ -138,6 +167,8 @@ class Scorer:
         self.labelled_reference = reference.label_histogram is not None
         self.ref_sets: dict[str, dict] = {}
         for name, extractor in self.extractors.items():
+            if not extractor.on_reference:
+                continue
             self.ref_sets[name] = reference_features(
                 reference, reference.content_hash, extractor, opts.batch_size, placement, self.device,
                 with_classes=bool(extractor.num_classes) and self.labelled_reference,
@@ -171,8 +202,8 @@ class Scorer:
         # one pass over the generated images through every extractor
         memorized = set(self.memorization.spaces) if self.memorization else set()
         # KID, precision/recall and FD-infinity need every vector, not only statistics
-        vectors = {"inception": bool(wanted & {FID, KID, PR}), "dinov2": True, "auditor": FD_AUDITOR in wanted
-                   or (AUDIT in wanted and self.labelled_reference)}
+        vectors = {"inception": bool(wanted & {FID, KID, PR}), "dinov2": True, "clip": True,
+                   "auditor": FD_AUDITOR in wanted or (AUDIT in wanted and self.labelled_reference)}
         sets = {name: FeatureSet(
             e, self.device, keep_features=name in memorized or vectors.get(name, False),
             keep_logits=name == "inception" and IS in wanted, num_classes=e.num_classes,
@@ -207,7 +238,48 @@ class Scorer:
                 metrics.update({f"{k}_dinov2": v for k, v in _precision_recall(g, r, opts, skipped).items()})
         if "auditor" in gen_sets:
             metrics.update(self._auditor_metrics(gen_sets["auditor"], self.ref_sets["auditor"], skipped))
+        metrics.update(self._prompt_metrics(getattr(generated, "prompts", None), gen_sets, skipped))
         return metrics, skipped, protocol
+
+    def _prompt_metrics(self, prompts: Optional[list], gen_sets: dict, skipped: dict) -> dict:
+        """CLIPScore against each image's prompt, and the demographic audit over the prompts' groups."""
+        out: dict[str, Any] = {}
+        no_prompts = "the images carry no prompts: score a set genbench generate wrote (it records each image's prompt)"
+        clip = self.extractors["clip"].net if "clip" in gen_sets else None  # type: ignore[attr-defined]
+        if CLIP_SCORE in self.wanted and clip is not None:
+            if prompts is None:
+                skipped[CLIP_SCORE] = no_prompts
+            else:
+                texts = dict(sorted({p.id: p.prompt for p in prompts}.items()))
+                row = {pid: i for i, pid in enumerate(texts)}
+                text_embeddings = clip.encode_texts(list(texts.values())).cpu()
+                scores = clip_scores(gen_sets["clip"]["features"], text_embeddings[[row[p.id] for p in prompts]])
+                report = alignment_report(scores, [p.id for p in prompts], texts)
+                out[KEY_CLIP_SCORE], out[KEY_ALIGNMENT] = report["mean"], report
+        if DEMOGRAPHICS not in self.wanted:
+            return out
+        groups = [p.group for p in prompts] if prompts is not None else []
+        if not any(g is not None for g in groups):
+            skipped[DEMOGRAPHICS] = no_prompts if prompts is None else (
+                "no prompt of the suite has a `group`; the audit compares groups (see prompts/occupations.jsonl)")
+            return out
+        result: dict[str, Any] = {"skin_tone": audit_attribute(SKIN_TONE, gen_sets["skin_tone"]["classes"].numpy(),
+                                                               groups)}
+        if clip is not None:
+            captions = clip.encode_texts(GENDER_CAPTIONS).cpu()
+            result["gender"] = audit_attribute(GENDER, gender_from_clip(gen_sets["clip"]["features"], captions), groups)
+        else:
+            skipped[f"{DEMOGRAPHICS}.gender"] = self.clip_missing
+        if "auditor" in gen_sets and gen_sets["auditor"]["classes"] is not None:
+            auditor = self.extractors["auditor"]
+            assert isinstance(auditor, AuditorExtractor)
+            result["auditor"] = audit_attribute(classifier_attribute("auditor", auditor.class_names),
+                                                gen_sets["auditor"]["classes"].numpy(), groups)
+        out[KEY_DEMOGRAPHICS] = result
+        for key, name in ((KEY_GENDER_IMBALANCE, "gender"), (KEY_SKIN_TONE_IMBALANCE, "skin_tone")):
+            if name in result:
+                out[key] = result[name]["mean_group_imbalance"]
+        return out
 
     def _auditor_metrics(self, g: dict, r: dict, skipped: dict) -> dict:
         out: dict[str, Any] = {}

@@ -22,12 +22,20 @@ import torch
 import yaml
 
 from pipeline.benchmark.distributed import Placement
-from pipeline.benchmark.images import ImageSourceError, ModelSamples, ShardImages, UniformNoise, open_images
+from pipeline.benchmark.images import (
+    GeneratedSet,
+    ImageSourceError,
+    ModelSamples,
+    ShardImages,
+    UniformNoise,
+    open_images,
+)
 from pipeline.benchmark.scoring import BenchmarkError, ScoreOptions, Scorer, cache_key, parse_metrics
 from pipeline.data.imageops import save_png
 from pipeline.fit.checkpoints import LAST
 from pipeline.fit.provenance import describe_environment, now
 from pipeline.io import write_new_json
+from pipeline.metrics import DEFAULT, DEMOGRAPHICS, PROMPT_METRICS
 
 RECORD_VERSION = 2
 # Reference rows of the leaderboard: what a perfect model and no model at all would score.
@@ -276,7 +284,9 @@ def open_reference(path: str, split: str = "train"):
 def benchmark_images(images: str, reference: str, labels: Optional[str] = None, results: str | Path = "results",
                      name: Optional[str] = None, opts: Optional[ScoreOptions] = None,
                      placement: Placement = Placement()) -> Optional[Path]:
-    """Score images produced elsewhere (an image folder or shards) against a reference; write the record."""
+    """Score images produced elsewhere (an image folder, shards, or a set genbench generate wrote) against a
+    reference; write the record. A generated set brings its prompts (labels for the conditional audit, CLIPScore,
+    the demographic audit: scored unless ``--metrics`` says otherwise) and what made it (the ``external`` field)."""
     opts = opts or ScoreOptions()
     results_dir = Path(results)
     check_writable(results_dir)
@@ -285,13 +295,40 @@ def benchmark_images(images: str, reference: str, labels: Optional[str] = None, 
         source = open_images(images, channels=ref.shape[0], labels=labels, class_names=ref.class_names)
     except ImageSourceError as e:
         raise BenchmarkError(f"--images: {e}") from e
+    external = None
+    if isinstance(source, GeneratedSet):
+        external = _external_of(source)
+        if opts.metrics == DEFAULT:  # no --metrics: the prompt metrics too, the demographic audit where it applies
+            grouped = any(p.group is not None for p in source.prompts)
+            opts.metrics = (*DEFAULT, *(m for m in PROMPT_METRICS if m != DEMOGRAPHICS or grouped))
     scorer = Scorer(ref, opts, placement, source.shape, held_out=held_out_split(ref))
     metrics, std, draws, skipped, protocol, evidence = _evaluate(scorer, [source])
     protocol.update(seed=None, repeats=1, images=source.describe())
-    name = name or Path(images).resolve().name
+    name = name or (external["model"] if external else Path(images).resolve().name)
+    conditional = getattr(source, "labels", None) is not None
     return _write_record(results_dir, _record_name(name, source.num_images, None), placement, metrics, std, draws,
                          skipped, protocol, evidence, run_id=name, run_dir=None, family="external",
-                         conditional=labels is not None, provenance={"images": str(images), "labels": labels}, cost={})
+                         conditional=conditional, external=external,
+                         provenance={"images": str(images), "labels": labels}, cost=_external_cost(external))
+
+
+def _external_of(source: GeneratedSet) -> dict[str, Any]:
+    """What a record says about a generator behind an API: service, model, prompt suite, counts, time and cost."""
+    info = source.generation
+    totals = info.get("totals", {})
+    return {"api_base": info.get("api_base"), "model": info.get("model"), "size": info.get("size"),
+            "quality": info.get("quality"), "prompt_suite": info.get("prompt_suite"),
+            "images_per_prompt": info.get("images_per_prompt"), "images": source.num_images,
+            "refused": totals.get("refused"), "failed": totals.get("failed"), "requests": totals.get("requests"),
+            "wall_seconds": totals.get("wall_seconds"), "cost": totals.get("cost"),
+            "price_per_image": totals.get("price_per_image")}
+
+
+def _external_cost(external: Optional[dict[str, Any]]) -> dict[str, Any]:
+    if not external or not external.get("wall_seconds"):
+        return {}
+    return {"sampling_images_per_s": round(external["images"] / external["wall_seconds"], 2),
+            "usd": external.get("cost")}
 
 
 def benchmark_reference_rows(shards: str, num_samples: int, seed: int = 0, results: str = "results",

@@ -39,12 +39,17 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def save_png(image: torch.Tensor, path: Path, scale: int = 1) -> Path:
-    """Write a uint8 C x H x W image as a PNG (atomically), enlarged ``scale`` times without smoothing."""
+def png_bytes(image: torch.Tensor, scale: int = 1) -> bytes:
+    """A uint8 C x H x W image as PNG file bytes, enlarged ``scale`` times without smoothing."""
     array = image.permute(1, 2, 0).numpy()
     pil = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
     if scale > 1:
         pil = pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
     buf = io.BytesIO()
     pil.save(buf, format="PNG")
-    return atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_png(image: torch.Tensor, path: Path, scale: int = 1) -> Path:
+    """Write a uint8 C x H x W image as a PNG (atomically), enlarged ``scale`` times without smoothing."""
+    return atomic_write_bytes(path, png_bytes(image, scale))

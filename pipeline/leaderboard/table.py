@@ -13,17 +13,20 @@ from typing import Any, Optional
 
 from pipeline.metrics import (
     KEY_AUDIT,
+    KEY_CLIP_SCORE,
     KEY_FD_AUDITOR,
     KEY_FD_AUDITOR_INF,
     KEY_FD_DINOV2,
     KEY_FD_DINOV2_INF,
     KEY_FID,
     KEY_FID_INF,
+    KEY_GENDER_IMBALANCE,
     KEY_IS_MEAN,
     KEY_KID_MEAN,
     KEY_MEMORIZATION,
     KEY_PRECISION,
     KEY_RECALL,
+    KEY_SKIN_TONE_IMBALANCE,
 )
 
 
@@ -80,11 +83,18 @@ COLUMNS = [
     Column("coverage", ("metrics", KEY_AUDIT, "coverage"), "{:.2f}", True, False),
     Column("conditional_accuracy", ("metrics", KEY_AUDIT, "conditional_accuracy"), "{:.3f}", True, False,
            n_fair=True),
+    # prompt alignment and the demographic audit of generators driven by prompts (docs/services.md)
+    Column(KEY_CLIP_SCORE, ("metrics", KEY_CLIP_SCORE), "{:.4f}", True, False, n_fair=True),
+    Column(KEY_GENDER_IMBALANCE, ("metrics", KEY_GENDER_IMBALANCE), "{:.3f}", True, True),
+    Column(KEY_SKIN_TONE_IMBALANCE, ("metrics", KEY_SKIN_TONE_IMBALANCE), "{:.3f}", True, True),
     Column("class_fd_worst_to_best", ("metrics", KEY_AUDIT, "per_class_fd", "worst_to_best"), "{:.2f}", True, True),
     Column("bits_per_dim", ("cost", "bits_per_dim"), "{:.3f}"),
     Column("parameters", ("cost", "parameters"), "{:,}"),
     Column("nfe", ("cost", "nfe"), "{}"),
     Column("sampling_img_per_s", ("cost", "sampling_images_per_s"), "{:.1f}"),
+    Column("service", ("external", "api_base")),
+    Column("refused", ("external", "refused"), "{}"),
+    Column("cost_usd", ("cost", "usd"), "{:.2f}"),
     Column("device_hours", ("cost", "device_hours"), "{:.4f}"),
     Column("images_seen", ("cost", "images_seen"), "{:,}"),
     Column("training_flops", ("cost", "training_flops"), "{:.3g}"),

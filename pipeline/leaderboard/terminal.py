@@ -19,7 +19,8 @@ from pipeline.leaderboard.table import (
 
 # what one record's summary shows, when the record has it
 SUMMARY_COLUMNS = ("fid", "is", "kid", "precision", "recall", "fd_dinov2", "fd_auditor", "kl_to_reference",
-                   "coverage", "conditional_accuracy", "memorization", "ct_score")
+                   "coverage", "conditional_accuracy", "memorization", "ct_score", "clip_score", "gender_imbalance",
+                   "skin_tone_imbalance", "refused")
 
 
 def record_summary(record: dict) -> str:

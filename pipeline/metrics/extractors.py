@@ -12,6 +12,8 @@ import torch
 
 from pipeline.io import sha256_file
 from pipeline.metrics.auditor import load_auditor
+from pipeline.metrics.clip import CLIP_RESIZE, CLIPModel
+from pipeline.metrics.demographics import SKIN_TONE, skin_tones
 from pipeline.metrics.dinov2 import DINOV2_RESIZE, DINOv2Features
 from pipeline.metrics.features import (
     INCEPTION_FEATURES,
@@ -37,6 +39,8 @@ class FeatureExtractor:
         feature_dtype: of the kept vectors (pixels stay uint8: a quarter of the memory of float32).
         identity: everything that changes the features (weights hash, resize, precision): recorded in the
             protocol and part of the reference cache's key.
+        on_reference: whether the reference set is passed through it too (False for what only the generated
+            images are judged by: prompt alignment, perceived attributes).
     """
 
     name = "extractor"
@@ -46,6 +50,7 @@ class FeatureExtractor:
     keep_features = False
     statistics = True
     feature_dtype = torch.float32
+    on_reference = True
     identity: dict[str, Any]
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -138,3 +143,44 @@ class PixelExtractor(FeatureExtractor):
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, None]:
         return images.flatten(1), None
+
+
+@EXTRACTORS.register()
+class CLIPExtractor(FeatureExtractor):
+    """CLIP ViT-B/32 image embeddings (unit norm): CLIPScore against each image's prompt, and the zero-shot
+    gender detector. Generated images only."""
+
+    name = "clip"
+    keep_features = True
+    statistics = False
+    on_reference = False
+
+    def __init__(self, weights: Path, device: str, allow_tf32: bool = False) -> None:
+        self.net = CLIPModel(weights).to(device)
+        self.num_features = self.net.num_features
+        self.allow_tf32 = allow_tf32
+        self.identity = {"name": "clip-vit-b-32-openai", "weights_sha256": self.net.weights_sha256,
+                         "resize": CLIP_RESIZE, "features": "image embedding, unit norm (512)",
+                         "precision": "TF32 allowed" if allow_tf32 else "fp32 (TF32 off)"}
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, None]:
+        with torch.no_grad(), strict_fp32(not self.allow_tf32):
+            return self.net.encode_images(images), None
+
+
+@EXTRACTORS.register()
+class SkinToneExtractor(FeatureExtractor):
+    """Mean skin colour (RGB) and its Monk Skin Tone bin (-1: no skin pixel) per image. Generated images only."""
+
+    name = "skin_tone"
+    num_features = 3
+    num_classes = len(SKIN_TONE.categories)
+    statistics = False
+    on_reference = False
+
+    def __init__(self) -> None:
+        self.identity = {"detector": SKIN_TONE.definition}
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, bins = skin_tones(images.cpu())
+        return mean.to(images.device), bins.to(images.device)

@@ -40,10 +40,11 @@ class WeightFile:
     url: str
     option: str  # the command-line option that passes an explicit path
     fetch: str  # the argument of `genbench fetch-weights` that downloads it
+    filename: str = ""  # the cached file's name when the URL's last part is too generic to share a directory
 
     @property
     def file(self) -> str:
-        return self.url.rsplit("/", 1)[-1]
+        return self.filename or self.url.rsplit("/", 1)[-1]
 
     def cache_path(self) -> Path:
         """Where torch.hub keeps it (torch-fidelity and torch.hub.load('facebookresearch/dinov2') look there too)."""

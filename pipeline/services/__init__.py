@@ -1,0 +1,2 @@
+"""Generators behind an API: ``genbench generate`` (a client of the OpenAI images API) and ``genbench serve``
+(that API in front of a trained run), so remote services and local models reach the benchmark the same way."""
