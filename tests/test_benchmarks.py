@@ -123,3 +123,19 @@ def test_memorization_benchmark_writes_cost_ratios_and_calibration(tmp_path):
     assert calibration["pixels"]["held_out"]["flagged"][threshold] <= 0.05
     assert calibration["pixels"]["noise_0.05"]["flagged"][threshold] >= 0.9
     assert calibration["pixels"]["moved_left"]["flagged"][threshold] >= 0.9
+
+
+@pytest.mark.slow
+def test_api_benchmark_compares_generate_with_a_plain_loop(tmp_path):
+    out = tmp_path / "api.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "api_throughput.py"), "--small", "--concurrency",
+                           "1,4", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["generate_vs_serve"]["concurrency"]
+    assert sorted(rows) == ["1", "4"]
+    for row in rows.values():
+        assert row["plain_loop_images_per_s"] > 0 and row["generate_images_per_s"] > 0
+        assert row["ratio_generate_vs_plain"] == pytest.approx(
+            row["generate_images_per_s"] / row["plain_loop_images_per_s"], rel=1e-2)
+        assert len(row["rounds"]["plain"]) == 3

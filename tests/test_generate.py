@@ -11,7 +11,7 @@ import pytest
 from fault_server import KEY, FaultServer
 
 from conftest import REPO, genbench
-from pipeline.data.generated import generated_images
+from pipeline.data.generated import generated_images, read_meta
 from pipeline.data.prompts import PromptSuiteError, load_prompts
 
 
@@ -48,7 +48,7 @@ def test_failure_paths_then_resume(tmp_path):
         assert first.returncode == 1, first.stderr[-2000:]
         assert "run the same command again" in first.stderr
         assert "2 refused" in first.stdout
-        meta = {p.stem: json.loads(p.read_text()) for p in (out / "meta").glob("*.json")}
+        meta = {p.stem: read_meta(out, p.stem) for p in (out / "meta").glob("*.jsonl")}
         # 429 twice with Retry-After: 1, then success: the SDK waited as told (>= 1 s each) and retried
         rate = meta["a-ratelimit-digit"]["images"]
         assert len(rate) == 2 and max(i["requests"] for i in rate) >= 2 and elapsed > 2.0
@@ -94,7 +94,7 @@ def test_stall_fails_within_the_timeout_naming_the_url(tmp_path):
         run = _generate(server, suite, out, "--api-key-env", "FAULT_KEY", "--timeout", "0.5", "--max-retries", "1")
         elapsed = time.monotonic() - t0
     assert run.returncode == 1
-    error = json.loads((out / "meta" / "a-stall-digit.json").read_text())["failed"][0]["error"]
+    error = read_meta(out, "a-stall-digit")["failed"][0]["error"]
     assert "no answer within --timeout 0.5 s" in error and server.base in error
     assert elapsed < 20  # two tries of 0.5 s, backoff and start-up: bounded by the timeout, not by the stall
     _no_key_anywhere(out, run.stdout, run.stderr)

@@ -3,16 +3,22 @@ benchmark reads it back:
 
     DIR/generation.json     what made the set: service, model, size, prompt suite (path, sha256), totals
     DIR/images/<id>-<k>.png image k of prompt <id>
-    DIR/meta/<id>.json      one per prompt: the prompt entry and, per image, revised prompt, creation time,
-                            requests made and latency; refusals and failures with their message
+    DIR/meta/<id>.jsonl     one per prompt, append-only: a first line with the prompt entry, then one line per
+                            outcome: an image (revised prompt, creation time, requests made, latency), a
+                            refusal or a failure with its message
 
-An image counts as done when ``meta/<id>.json`` lists it and its PNG exists, so a rerun requests exactly the
-images that are missing. Every file is written atomically.
+An image counts as done when its meta file has an ``image`` line for it and its PNG exists, so a rerun requests
+exactly the images that are missing. A later line for the same image supersedes an earlier one (a success after
+a failure). PNGs are written to a temporary name and renamed; meta lines are appended whole and flushed, so a
+killed run leaves at most a torn last line, which reading skips. Appending keeps the per-image bookkeeping
+O(1): rewriting a growing JSON file per image cost the client more CPU than the SDK itself
+(benchmarks/api_throughput.py).
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -28,7 +34,7 @@ def image_name(prompt_id: str, k: int) -> str:
 
 
 def meta_path(directory: Path, prompt_id: str) -> Path:
-    return directory / META / f"{prompt_id}.json"
+    return directory / META / f"{prompt_id}.jsonl"
 
 
 def is_generated_set(directory: str | Path) -> bool:
@@ -36,14 +42,59 @@ def is_generated_set(directory: str | Path) -> bool:
 
 
 def read_meta(directory: Path, prompt_id: str) -> Optional[dict[str, Any]]:
+    """A prompt's meta file folded into ``{"prompt", ..., "images": [...], "refused": [...], "failed": [...]}``
+    (each list by image index, the latest line per image winning); None when there is none yet."""
     path = meta_path(directory, prompt_id)
     try:
-        return json.loads(path.read_text())
+        lines = path.read_text().splitlines()
     except FileNotFoundError:
         return None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is damaged ({e}); delete it and rerun genbench generate to request its "
-                         "images again") from e
+    entries = []
+    for number, line in enumerate(lines, 1):
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines):  # a line torn by a kill mid-write: that outcome was never recorded
+                break
+            raise ValueError(f"{path}:{number} is damaged ({e}); delete the file and rerun genbench generate to "
+                             "request that prompt's images again") from e
+    if not entries or "prompt" not in entries[0]:
+        raise ValueError(f"{path} does not start with its prompt entry; delete it and rerun genbench generate")
+    latest: dict[int, dict[str, Any]] = {}
+    for entry in entries[1:]:
+        latest[entry["index"]] = entry
+    folded: dict[str, Any] = {**entries[0], "images": [], "refused": [], "failed": []}
+    for index in sorted(latest):
+        entry = dict(latest[index])
+        folded[entry.pop("event")].append(entry)
+    return folded
+
+
+class MetaLog:
+    """Appends a prompt's outcomes to its meta file, one flushed line each, from any thread."""
+
+    EVENTS = ("images", "refused", "failed")
+
+    def __init__(self, directory: Path, header: dict[str, Any]) -> None:
+        path = meta_path(directory, header["prompt"]["id"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.Lock()
+        fresh = not path.exists() or path.stat().st_size == 0
+        self.file = path.open("a", encoding="utf-8")
+        if fresh:
+            self._write(header)
+
+    def _write(self, entry: dict[str, Any]) -> None:
+        with self.lock:
+            self.file.write(json.dumps(entry, sort_keys=True) + "\n")
+            self.file.flush()
+
+    def record(self, event: str, entry: dict[str, Any]) -> None:
+        assert event in self.EVENTS, event
+        self._write({"event": event, **entry})
+
+    def close(self) -> None:
+        self.file.close()
 
 
 @dataclass(frozen=True)
@@ -58,7 +109,7 @@ def generated_images(directory: str | Path) -> tuple[dict[str, Any], list[Genera
     directory = Path(directory)
     info = json.loads((directory / GENERATION_FILE).read_text())
     images: list[GeneratedImage] = []
-    for path in sorted((directory / META).glob("*.json")):
+    for path in sorted((directory / META).glob("*.jsonl")):
         meta = read_meta(directory, path.stem)
         assert meta is not None
         prompt = Prompt(**meta["prompt"])

@@ -20,7 +20,7 @@ import io
 import os
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -29,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 from PIL import Image
 
 from pipeline.console import progress
-from pipeline.data.generated import GENERATION_FILE, IMAGES, image_name, meta_path, read_meta
+from pipeline.data.generated import GENERATION_FILE, IMAGES, META, MetaLog, image_name, meta_path, read_meta
 from pipeline.data.prompts import Prompt, PromptSuite, load_prompts
 from pipeline.io import atomic_write_bytes, atomic_write_json
 
@@ -132,30 +132,17 @@ def _decode(item: Any, expected: Optional[tuple[int, int]], download: Any) -> by
 
 
 class _PromptLog:
-    """One prompt's meta file, rewritten atomically after every image so a killed run loses nothing."""
+    """One prompt's outcomes so far (read back from its meta file) and the appender of new ones."""
 
     def __init__(self, directory: Path, prompt: Prompt, settings: dict[str, Any]) -> None:
-        self.directory, self.lock = directory, threading.Lock()
-        old = read_meta(directory, prompt.id) or {}
-        if old.get("prompt", prompt.to_json()) != prompt.to_json():
+        old = read_meta(directory, prompt.id)
+        if old is not None and old["prompt"] != prompt.to_json():
             raise GenerateError(f"{meta_path(directory, prompt.id)} holds another prompt under id {prompt.id!r}; the "
                                 "suite changed since these images were made: use a new --out")
-        done = [i for i in old.get("images", []) if (directory / IMAGES / i["file"]).is_file()]
-        self.state = {"prompt": prompt.to_json(), **settings, "images": done,
-                      "refused": old.get("refused", []), "failed": []}
-
-    def done(self) -> set[int]:
-        return {i["index"] for i in self.state["images"]}
-
-    def refused(self) -> set[int]:
-        return {r["index"] for r in self.state["refused"]}
-
-    def record(self, kind: str, entry: dict[str, Any]) -> None:
-        with self.lock:
-            if kind == "images":  # a success replaces an earlier refusal of the same image (--retry-refused)
-                self.state["refused"] = [r for r in self.state["refused"] if r["index"] != entry["index"]]
-            self.state[kind] = sorted([*self.state[kind], entry], key=lambda e: e["index"])
-            atomic_write_json(meta_path(self.directory, self.state["prompt"]["id"]), self.state)
+        old = old or {"images": [], "refused": []}
+        self.done = {i["index"] for i in old["images"] if (directory / IMAGES / i["file"]).is_file()}
+        self.refused = {r["index"] for r in old["refused"]}
+        self.log = MetaLog(directory, {"prompt": prompt.to_json(), **settings})
 
 
 def _client(opts: GenerateOptions, key: str):
@@ -216,15 +203,14 @@ def generate(opts: GenerateOptions) -> Outcome:
     old = _check_same_set(out, settings)
     logs = {p.id: _PromptLog(out, p, {k: settings[k] for k in ("model", "size", "quality")}) for p in suite.prompts}
     todo = [(p, k) for p in suite.prompts for k in range(opts.images_per_prompt)
-            if k not in logs[p.id].done() and (opts.retry_refused or k not in logs[p.id].refused())]
+            if k not in logs[p.id].done and (opts.retry_refused or k not in logs[p.id].refused)]
     outcome = Outcome(requested=len(todo),
                       skipped_existing=len(suite.prompts) * opts.images_per_prompt - len(todo))
     (out / IMAGES).mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    client = _client(opts, key)
+    client = _client(opts, key)  # before the clock starts: importing the SDK takes seconds, once
     http, download = _downloader(opts)
     bar = progress(len(todo), f"generate {opts.model}", "img", enabled=opts.progress)
-    fatal: list[BaseException] = []
+    fatal: list[BaseException] = []  # the first error that stops the run; every task checks it before requesting
     lock = threading.Lock()
 
     def one(prompt: Prompt, k: int) -> None:
@@ -237,59 +223,59 @@ def generate(opts: GenerateOptions) -> Outcome:
         for name in ("size", "quality", "response_format"):
             if getattr(opts, name):
                 kwargs[name] = getattr(opts, name)
-        log, retries = logs[prompt.id], 0
+        log, retries = logs[prompt.id].log, 0
         try:
             raw = client.images.with_raw_response.generate(**kwargs)
             retries = raw.retries_taken
             response = raw.parse()
             png = _decode(response.data[0], expected, download)
-            atomic_write_bytes(out / IMAGES / image_name(prompt.id, k), png)
+            # renamed into place, not fsynced: a killed process loses nothing the kernel has, and an fsync per
+            # image would be the client's largest cost after the SDK
+            atomic_write_bytes(out / IMAGES / image_name(prompt.id, k), png, durable=False)
             item = response.data[0]
             log.record("images", {"index": k, "file": image_name(prompt.id, k), "created": response.created,
                                   "revised_prompt": getattr(item, "revised_prompt", None), "requests": retries + 1,
                                   "latency_s": round(time.perf_counter() - t0, 3)})
             kind = "done"
         except openai.BadRequestError as e:
-            if _error_code(e) in REFUSAL_CODES:
-                log.record("refused", {"index": k, "code": _error_code(e), "message": redact(_message(e), key)})
-                kind = "refused"
-            else:
-                raise GenerateError(_status_text(opts, e, key, from_env)) from None
+            if _error_code(e) not in REFUSAL_CODES:
+                fatal.append(GenerateError(_status_text(opts, e, key, from_env)))
+                return
+            log.record("refused", {"index": k, "code": _error_code(e), "message": redact(_message(e), key)})
+            kind = "refused"
         except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError,
                 openai.UnprocessableEntityError) as e:
-            raise GenerateError(_status_text(opts, e, key, from_env)) from None
+            fatal.append(GenerateError(_status_text(opts, e, key, from_env)))
+            return
         except (openai.APIStatusError, openai.APIConnectionError, ValueError) as e:
             # retries spent (429/5xx/timeouts/dropped connections) or a bad image: this image failed, others go on
             text = _status_text(opts, e, key, from_env) if isinstance(e, openai.APIError) else str(e)
             log.record("failed", {"index": k, "error": redact(text, key)})
             kind = "failed"
+        except Exception as e:  # anything else (a full disk): stop, keeping what is done
+            fatal.append(GenerateError(redact(f"{type(e).__name__}: {e}", key)))
+            return
         with lock:
             setattr(outcome, kind, getattr(outcome, kind) + 1)
             outcome.retries += retries
             bar.update(1)
             _postfix(bar, f"{outcome.refused} refused, {outcome.failed} failed, {outcome.retries} retries")
 
+    started = time.time()
     try:
         with ThreadPoolExecutor(opts.concurrency, thread_name_prefix="generate") as pool:
-            pending: set[Future] = {pool.submit(one, p, k) for p, k in todo}
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for f in finished:
-                    if f.exception() is not None and not fatal:
-                        fatal.append(f.exception())  # type: ignore[arg-type]
-                        for p in pending:
-                            p.cancel()
+            for _ in pool.map(lambda task: one(*task), todo):
+                pass
     finally:
         bar.close()
         http.close()
         client.close()
+        for p in logs.values():
+            p.log.close()
         outcome.wall_seconds = time.time() - started
         _write_generation(out, settings, old, outcome, opts)
     if fatal:
-        error = fatal[0]
-        if isinstance(error, GenerateError):
-            raise error
-        raise GenerateError(redact(f"{type(error).__name__}: {error}", key)) from None
+        raise fatal[0]
     return outcome
 
 
@@ -348,7 +334,7 @@ def _write_generation(out: Path, settings: dict[str, Any], old: dict[str, Any], 
                       opts: GenerateOptions) -> None:
     """generation.json: settings and totals over every run into ``out`` (counted from the meta files, so a
     resumed set's totals are its own, not the last invocation's)."""
-    metas = [m for m in (read_meta(out, p.stem) for p in sorted((out / "meta").glob("*.json"))) if m]
+    metas = [m for m in (read_meta(out, p.stem) for p in sorted((out / META).glob("*.jsonl"))) if m]
     images = sum(len(m["images"]) for m in metas)
     requests = sum(i["requests"] for m in metas for i in m["images"])
     totals = {"images": images, "refused": sum(len(m["refused"]) for m in metas),
