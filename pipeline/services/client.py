@@ -264,8 +264,12 @@ def generate(opts: GenerateOptions) -> Outcome:
     started = time.time()
     try:
         with ThreadPoolExecutor(opts.concurrency, thread_name_prefix="generate") as pool:
-            for _ in pool.map(lambda task: one(*task), todo):
-                pass
+            try:
+                for _ in pool.map(lambda task: one(*task), todo):
+                    pass
+            except BaseException:  # Ctrl-C: the queued tasks see it and return without requesting
+                fatal.append(GenerateError("interrupted"))
+                raise
     finally:
         bar.close()
         http.close()
