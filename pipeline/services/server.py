@@ -98,12 +98,18 @@ class Batcher:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        carry = None  # a request that did not fit the last batch: it starts the next one
         while True:
-            items = [await self.queue.get()]
+            items = [carry if carry is not None else await self.queue.get()]
+            carry = None
             size = len(items[0][0])
-            while not self.queue.empty() and size + len(self.queue._queue[0][0]) <= self.max_batch:  # type: ignore[attr-defined]
-                items.append(self.queue.get_nowait())
-                size += len(items[-1][0])
+            while not self.queue.empty():
+                item = self.queue.get_nowait()
+                if size + len(item[0]) > self.max_batch:
+                    carry = item
+                    break
+                items.append(item)
+                size += len(item[0])
             labels = [label for request, _ in items for label in request]
             first, self.next_index = self.next_index, self.next_index + len(labels)
             self.calls += 1
