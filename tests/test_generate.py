@@ -122,6 +122,28 @@ def test_missing_key_for_a_remote_endpoint_names_the_variable(tmp_path):
     assert run.returncode == 2 and "GENBENCH_TEST_UNSET_KEY" in run.stderr
 
 
+def test_a_torn_last_meta_line_is_an_unrecorded_image(tmp_path):
+    """A run killed mid-write leaves half a line: that image is requested again, nothing else is lost."""
+    from pipeline.data.generated import MetaLog
+
+    log = MetaLog(tmp_path, {"prompt": {"prompt": "a cat", "id": "cat"}, "model": "m"})
+    for k in range(3):
+        (tmp_path / "images").mkdir(exist_ok=True)
+        (tmp_path / "images" / f"cat-{k:04d}.png").write_bytes(b"png")
+        log.record("images", {"index": k, "file": f"cat-{k:04d}.png", "requests": 1})
+    log.record("failed", {"index": 3, "error": "503"})
+    log.record("images", {"index": 3, "file": "cat-0003.png", "requests": 2})  # a rerun's success supersedes it
+    with log.path.open("a") as f:
+        f.write('{"event": "images", "index": 4, "fi')
+    meta = read_meta(tmp_path, "cat")
+    assert [i["index"] for i in meta["images"]] == [0, 1, 2, 3] and meta["failed"] == []
+    assert meta["prompt"] == {"prompt": "a cat", "id": "cat"} and meta["model"] == "m"
+    lines = log.path.read_text().splitlines()
+    log.path.write_text("\n".join([lines[0], "{broken", *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"cat.jsonl:2 is damaged.*rerun genbench generate"):
+        read_meta(tmp_path, "cat")
+
+
 def test_prompt_suites(tmp_path):
     for name in ("digits", "occupations", "general"):
         suite = load_prompts(REPO / "prompts" / f"{name}.jsonl")

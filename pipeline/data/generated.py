@@ -11,8 +11,8 @@ An image counts as done when its meta file has an ``image`` line for it and its 
 exactly the images that are missing. A later line for the same image supersedes an earlier one (a success after
 a failure). PNGs are written to a temporary name and renamed; meta lines are appended whole and flushed, so a
 killed run leaves at most a torn last line, which reading skips. Appending keeps the per-image bookkeeping
-O(1): rewriting a growing JSON file per image cost the client more CPU than the SDK itself
-(benchmarks/api_throughput.py).
+O(1): rewriting a growing JSON file per image cost the client 0.7 ms of CPU per image, half of what the SDK
+itself costs (benchmarks/api_throughput.py).
 """
 
 from __future__ import annotations
@@ -71,30 +71,25 @@ def read_meta(directory: Path, prompt_id: str) -> Optional[dict[str, Any]]:
 
 
 class MetaLog:
-    """Appends a prompt's outcomes to its meta file, one flushed line each, from any thread."""
+    """Appends a prompt's outcomes to its meta file, one flushed line each, from any thread. The file is opened
+    per line (a suite of 10,000 prompts would otherwise hold 10,000 descriptors) and created, with its prompt
+    line first, by the first outcome."""
 
     EVENTS = ("images", "refused", "failed")
 
     def __init__(self, directory: Path, header: dict[str, Any]) -> None:
-        path = meta_path(directory, header["prompt"]["id"])
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = meta_path(directory, header["prompt"]["id"])
+        self.header = header
         self.lock = threading.Lock()
-        fresh = not path.exists() or path.stat().st_size == 0
-        self.file = path.open("a", encoding="utf-8")
-        if fresh:
-            self._write(header)
-
-    def _write(self, entry: dict[str, Any]) -> None:
-        with self.lock:
-            self.file.write(json.dumps(entry, sort_keys=True) + "\n")
-            self.file.flush()
 
     def record(self, event: str, entry: dict[str, Any]) -> None:
         assert event in self.EVENTS, event
-        self._write({"event": event, **entry})
-
-    def close(self) -> None:
-        self.file.close()
+        with self.lock:
+            lines = [] if self.path.exists() else [self.header]
+            lines.append({"event": event, **entry})
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(line, sort_keys=True) + "\n" for line in lines))
 
 
 @dataclass(frozen=True)

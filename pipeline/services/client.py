@@ -229,8 +229,8 @@ def generate(opts: GenerateOptions) -> Outcome:
             retries = raw.retries_taken
             response = raw.parse()
             png = _decode(response.data[0], expected, download)
-            # renamed into place, not fsynced: a killed process loses nothing the kernel has, and an fsync per
-            # image would be the client's largest cost after the SDK
+            # renamed into place (atomic for readers and against a killed process), not fsynced: a power cut may
+            # cost a rerun the last few images, which it requests again
             atomic_write_bytes(out / IMAGES / image_name(prompt.id, k), png, durable=False)
             item = response.data[0]
             log.record("images", {"index": k, "file": image_name(prompt.id, k), "created": response.created,
@@ -274,8 +274,6 @@ def generate(opts: GenerateOptions) -> Outcome:
         bar.close()
         http.close()
         client.close()
-        for p in logs.values():
-            p.log.close()
         outcome.wall_seconds = time.time() - started
         _write_generation(out, settings, old, outcome, opts)
     if fatal:
