@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
     prep.add_argument("--shard-size", default="10000", help="samples (5000) or bytes (64MB) per shard (default 10000)")
     prep.add_argument("--image-size", type=int, help="resize to this square size in pixels (default: keep)")
+    prep.add_argument("--resize", choices=("center-crop", "stretch"), default="center-crop",
+                      help="with --image-size: center-crop (shorter side to the size, then the central square; "
+                           "default) or stretch (both sides: proportions change)")
     prep.add_argument("--channels", type=int, choices=(1, 3),
                       help="convert every image to grayscale (1) or RGB (3) (default: keep)")
     prep.add_argument("--png-compression", type=int, default=0,
@@ -263,7 +266,8 @@ def cmd_prepare(args, extra) -> int:
     source = open_source(args.source, root=args.root, download=args.download, label_attribute=args.label_attribute)
     manifest = write_shards(source, args.out, val_fraction=args.val_fraction, seed=args.seed,
                             shard_size=args.shard_size, image_size=args.image_size, channels=args.channels,
-                            png_compression=args.png_compression, overwrite=args.overwrite)
+                            png_compression=args.png_compression, overwrite=args.overwrite,
+                            resize_mode=args.resize)
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['num_samples']} images in {len(info['shards'])} shard(s), "
               f"{info['image_size'][1]}x{info['image_size'][0]}x{info['channels']}")

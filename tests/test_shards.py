@@ -173,11 +173,17 @@ def test_prepare_names_the_odd_image_and_the_option_that_fixes_it(tmp_path, capl
     assert sorted(np.unique(image).tolist()[0] for image in read.values()) == [90, 200]
     gray_manifest = write_shards(mixed, tmp_path / "gray", val_fraction=0.0, progress=False, channels=1)
     assert gray_manifest["splits"]["train"]["channels"] == 1
-    assert "channels" not in write_shards(sizes, tmp_path / "plain", val_fraction=0.0, progress=False,
-                                          image_size=8)["prepare"]  # unset: the manifest hash stays as it was
-    # a square resize of a non-square image says so
+    plain = write_shards(sizes, tmp_path / "plain", val_fraction=0.0, progress=False, image_size=8)
+    assert "channels" not in plain["prepare"]  # unset: the manifest hash stays as it was
+    # the default fit is the central square: the 12x10 image keeps its proportions, and nothing is said
+    assert plain["prepare"]["resize"] == "center-crop" and plain["splits"]["train"]["image_size"] == [8, 8]
+    assert not any("aspect ratio" in r.getMessage() for r in caplog.records)
+    # a stretch of a non-square image says so
+    write_shards(sizes, tmp_path / "stretched", val_fraction=0.0, progress=False, image_size=8, resize_mode="stretch")
     assert any("changed the aspect ratio of 1 of 2 images" in r.getMessage() and "b.png (12x10)" in r.getMessage()
                for r in caplog.records)
+    with pytest.raises(ValueError, match="--resize 'random-crop': use one of center-crop, stretch"):
+        write_shards(sizes, tmp_path / "r", image_size=8, resize_mode="random-crop")
 
 
 def test_folder_source_with_class_subfolders_and_flat(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,28 +96,38 @@ def _key_index(key: str) -> int:
     return int(key) if key.isdigit() else int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
 
 
+FIT_DEFAULTS = {"resize": "center-crop", "label_key": "cls"}
+
+
 class ShardImages:
     """One split of a shard directory, in the data module's evaluation order (no shuffle, no flip)."""
 
-    def __init__(self, shards: str | Path, split: str = "train") -> None:
+    def __init__(self, shards: str | Path, split: str = "train", fit: Optional[dict[str, Any]] = None) -> None:
+        """``fit``: the data module's ``image_size``/``channels``/``resize``/``label_key`` of the run being scored
+        (what its model saw), when they are set."""
         self.shards = str(shards)
         self.manifest = load_manifest(shards)
         if split not in self.manifest["splits"]:
             raise ImageSourceError(f"{shards} has no {split!r} split (it has {sorted(self.manifest['splits'])})")
         self.split = split
+        # only what differs from the defaults: the plain case keeps its content hash (and every cache and protocol
+        # id built on it)
+        self.fit = {k: v for k, v in (fit or {}).items() if v is not None and FIT_DEFAULTS.get(k) != v}
         info = self.manifest["splits"][split]
         self.num_images = info["num_samples"]
-        self.shape = (info["channels"], *info["image_size"])
+        size = self.fit.get("image_size")
+        self.shape = (self.fit.get("channels") or info["channels"], *((size, size) if size else info["image_size"]))
         self.label_histogram = info["label_histogram"] or None
         self.class_names = self.manifest.get("class_names")
-        self.content_hash = f"{manifest_hash(self.manifest)}:{split}"
+        fitted = f":{json.dumps(self.fit, sort_keys=True)}" if self.fit else ""
+        self.content_hash = f"{manifest_hash(self.manifest)}:{split}{fitted}"
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "shards", "path": self.shards, "split": self.split, "hash": self.content_hash,
-                "num_images": self.num_images}
+                "num_images": self.num_images, **({"fit": self.fit} if self.fit else {})}
 
     def batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
-        for batch in reference_batches(self.shards, self.split, batch_size, rank, world_size):
+        for batch in reference_batches(self.shards, self.split, batch_size, rank, world_size, **self.fit):
             index = torch.tensor([_key_index(k) for k in batch["key"]], dtype=torch.long)
             labels = batch["label"] if self.label_histogram else None
             yield Batch(index, batch["image"], labels)

@@ -38,6 +38,8 @@ from pipeline.io import write_new_json
 from pipeline.metrics import DEFAULT, DEMOGRAPHICS, PROMPT_METRICS
 
 RECORD_VERSION = 2
+# data-module settings that change the images a model trains on: its reference is read with the same
+FIT_KEYS = ("image_size", "channels", "resize", "label_key")
 # Reference rows of the leaderboard: what a perfect model and no model at all would score.
 FLOOR, CEILING = "reference: held-out validation split", "reference: uniform noise"
 
@@ -209,7 +211,9 @@ def benchmark_run(run_dir: str | os.PathLike, num_samples: Optional[int] = None,
     if repeats < 1:
         raise BenchmarkError(f"--repeats {repeats}: draw at least one sample set")
     check_writable(results_dir)
-    reference = ShardImages(config["data"]["init_args"]["shards"], "train")
+    data = config["data"]["init_args"]
+    # the images at the size and channels the model was trained on (data.image_size etc., when set)
+    reference = ShardImages(data["shards"], "train", fit={k: data.get(k) for k in FIT_KEYS})
     precision = sample_precision or bench.get("sample_precision", "fp32")
     try:
         sources = [ModelSamples(model, num_samples, s, precision) for s in range(seed, seed + repeats)]
@@ -267,7 +271,7 @@ def held_out_split(reference) -> Optional[ShardImages]:
     if not isinstance(reference, ShardImages) or reference.split != "train":
         return None
     try:
-        val = ShardImages(reference.shards, "val")
+        val = ShardImages(reference.shards, "val", reference.fit)
     except ImageSourceError:
         return None
     return val if val.num_images else None

@@ -26,9 +26,10 @@ from typing import Any, Iterator, Optional
 import torch
 from pytorch_lightning import LightningDataModule
 
+from pipeline.data.imageops import RESIZE_MODES
 from pipeline.data.loaders import EpochDataLoader, ignore_job_signals, loader_context
 from pipeline.data.shards import ShardError, load_manifest, manifest_hash, shard_paths
-from pipeline.data.stream import NO_LABEL, ShardStream, guaranteed_pass_samples
+from pipeline.data.stream import NO_LABEL, ShardStream, guaranteed_pass_samples, parse_label_key
 
 __all__ = ["NO_LABEL", "ShardDataModule", "reference_batches"]
 
@@ -48,12 +49,29 @@ class ShardDataModule(LightningDataModule):
             repeats within an epoch). Larger values resample: the streams are endless.
         val_batch_size: batch size for the validation split (default: batch_size).
         pin_memory: pin host memory for faster copies to a GPU.
+        image_size: train and evaluate at this square size; images of another size are fitted with ``resize``.
+            Default: the manifest's size (for other tools' shards: the first image's).
+        channels: 1 (grayscale) or 3 (RGB); default: the manifest's. Any mode decodes (RGBA, CMYK, L, ...).
+        resize: how an image of another size is fitted, on the loader workers: ``center-crop`` (shorter side to
+            the size with antialias, then the central square), ``random-crop`` (a random square while training,
+            the central one for validation) or ``stretch`` (both sides, proportions change).
+        label_key: where a sample's class is: ``cls`` (default), ``json:ATTRIBUTE``, or ``txt`` (matched against
+            the manifest's class names).
     """
 
     def __init__(self, shards: str, batch_size: int = 128, num_workers: int = 2, shuffle_buffer: int = 2000,
                  hflip: bool = False, seed: int = 0, samples_per_epoch: Optional[int] = None,
-                 val_batch_size: Optional[int] = None, pin_memory: bool = True) -> None:
+                 val_batch_size: Optional[int] = None, pin_memory: bool = True, image_size: Optional[int] = None,
+                 channels: Optional[int] = None, resize: str = "center-crop", label_key: str = "cls") -> None:
         super().__init__()
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"data.resize={resize!r}: use one of {', '.join(RESIZE_MODES)}")
+        if channels not in (None, 1, 3):
+            raise ValueError(f"data.channels={channels}: use 1 (grayscale) or 3 (RGB)")
+        if image_size is not None and image_size < 1:
+            raise ValueError(f"data.image_size={image_size} must be a positive number of pixels")
+        parse_label_key(label_key)  # a malformed key fails here, not in a worker
+        self.image_size, self.channels, self.resize, self.label_key = image_size, channels, resize, label_key
         if batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size} must be at least 1")
         if num_workers < 0:
@@ -88,7 +106,8 @@ class ShardDataModule(LightningDataModule):
     def image_shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of the training images."""
         info = self.split_info("train")
-        return info["channels"], info["image_size"][0], info["image_size"][1]
+        height, width = (self.image_size, self.image_size) if self.image_size else info["image_size"]
+        return self.channels or info["channels"], height, width
 
     @property
     def num_classes(self) -> int:
@@ -119,9 +138,12 @@ class ShardDataModule(LightningDataModule):
                 batches = max(1, per_worker * workers)
         paths = shard_paths(self.shards, self.manifest, split)
         counts = {p: s["num_samples"] for p, s in zip(paths, info["shards"])}
-        return ShardStream(paths, batch_size, info["channels"], tuple(info["image_size"]), rank=rank,
+        channels, height, width = self.image_shape
+        return ShardStream(paths, batch_size, channels, (height, width), rank=rank,
                            world_size=world_size, seed=self.seed, train=train, batches_per_rank=batches,
-                           shuffle_buffer=self.shuffle_buffer, hflip=self.hflip and train, expected_counts=counts)
+                           shuffle_buffer=self.shuffle_buffer, hflip=self.hflip and train, expected_counts=counts,
+                           resize=self.resize, label_key=self.label_key,
+                           class_names=list(self.manifest.get("class_names") or []))
 
     def _loader(self, stream: ShardStream, epoch_fn=None) -> EpochDataLoader:
         workers = {"multiprocessing_context": loader_context(), "worker_init_fn": ignore_job_signals} \
@@ -162,8 +184,9 @@ def epoch_to_load(trainer: Any) -> int:
 
 
 def reference_batches(shards: str, split: str = "train", batch_size: int = 256, rank: int = 0,
-                      world_size: int = 1) -> Iterator[dict[str, Any]]:
-    """One pass over a split as uint8 batches (no shuffle, no flip), split over ranks: for metrics."""
-    dm = ShardDataModule(shards, batch_size=batch_size, num_workers=0, shuffle_buffer=0)
+                      world_size: int = 1, **fit: Any) -> Iterator[dict[str, Any]]:
+    """One pass over a split as uint8 batches (no shuffle, no flip), split over ranks: for metrics. ``fit``: the
+    run's ``image_size``, ``channels``, ``resize`` and ``label_key``, so the reference is what the model saw."""
+    dm = ShardDataModule(shards, batch_size=batch_size, num_workers=0, shuffle_buffer=0, **fit)
     yield from dm.stream(split, False, batch_size, rank, world_size)
 

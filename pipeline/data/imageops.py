@@ -1,10 +1,14 @@
-"""Image operations shared by the stages: the fast PNG decode op, float <-> uint8, writing a PNG."""
+"""Image operations shared by the stages: the fast PNG decode op, float <-> uint8, writing a PNG, fitting an
+image of any size to the configured one."""
 
 from __future__ import annotations
 
 import io
+import math
+import random
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 from PIL import Image
@@ -53,3 +57,30 @@ def png_bytes(image: torch.Tensor, scale: int = 1) -> bytes:
 def save_png(image: torch.Tensor, path: Path, scale: int = 1) -> Path:
     """Write a uint8 C x H x W image as a PNG (atomically), enlarged ``scale`` times without smoothing."""
     return atomic_write_bytes(path, png_bytes(image, scale))
+
+
+RESIZE_MODES = ("center-crop", "random-crop", "stretch")
+
+
+def fit_to_size(image: torch.Tensor, size: tuple[int, int], mode: str = "center-crop",
+                rng: Optional[random.Random] = None) -> torch.Tensor:
+    """A uint8 C x H x W image of any size at ``size`` (H, W): ``center-crop`` scales the shorter side to the
+    target (antialiased) and keeps the central part, ``random-crop`` keeps a random part instead (``rng``),
+    ``stretch`` resizes both sides, changing the proportions. An image already at ``size`` is returned as is."""
+    from torchvision.transforms.v2 import functional as F
+
+    h, w = size
+    if tuple(image.shape[-2:]) == (h, w):
+        return image
+    if mode == "stretch":
+        return F.resize(image, [h, w], antialias=True)
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize {mode!r}: use one of {', '.join(RESIZE_MODES)}")
+    scale = max(h / image.shape[-2], w / image.shape[-1])
+    scaled = F.resize(image, [max(h, math.ceil(image.shape[-2] * scale - 1e-6)),
+                              max(w, math.ceil(image.shape[-1] * scale - 1e-6))], antialias=True)
+    if mode == "center-crop" or rng is None:
+        return F.center_crop(scaled, [h, w])
+    top = rng.randint(0, scaled.shape[-2] - h)
+    left = rng.randint(0, scaled.shape[-1] - w)
+    return scaled[..., top:top + h, left:left + w]

@@ -25,10 +25,12 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 import numpy as np
+import torch
 import webdataset as wds
 from PIL import Image
 
 from pipeline.console import track
+from pipeline.data.imageops import fit_to_size
 from pipeline.data.sources import Source
 from pipeline.io import atomic_write_json, sha256_file
 
@@ -72,6 +74,16 @@ def encode_png(image: np.ndarray, compress_level: int = 0) -> bytes:
     return buf.getvalue()
 
 
+PREPARE_RESIZE = ("center-crop", "stretch")  # a random crop fixed at prepare time would only lose data
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """HWC uint8 of any size -> size x size: shorter side to ``size`` (antialiased), then the central square; the
+    same operation the loader applies to foreign images (``fit_to_size``)."""
+    chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    return fit_to_size(chw, (size, size), "center-crop").permute(1, 2, 0).numpy()
+
+
 def resize(image: np.ndarray, size: int) -> np.ndarray:
     """Square resize with an antialiasing filter (Lanczos), keeping the channel count."""
     if image.shape[0] == size and image.shape[1] == size:
@@ -101,14 +113,18 @@ def split_indices(n: int, val_fraction: float, seed: int) -> dict[str, np.ndarra
 
 def write_shards(source: Source, out: str | os.PathLike, val_fraction: float = 0.1, seed: int = 0,
                  shard_size: str | int = 10000, image_size: Optional[int] = None, png_compression: int = 0,
-                 overwrite: bool = False, progress: bool = True, channels: Optional[int] = None) -> dict:
+                 overwrite: bool = False, progress: bool = True, channels: Optional[int] = None,
+                 resize_mode: str = "center-crop") -> dict:
     """Write ``source`` as train/val WebDataset shards + manifest.json into ``out``; returns the manifest.
 
     Everything is written into a temporary sibling directory that is renamed to ``out`` at the end, so an
     interrupted prepare never leaves a half-written dataset behind. ``image_size`` resizes every image to a
-    square of that size, ``channels`` converts every image to grayscale (1) or RGB (3).
+    square of that size (``resize_mode``: ``center-crop``, the default, or ``stretch``), ``channels`` converts
+    every image to grayscale (1) or RGB (3).
     """
     out = Path(out)
+    if resize_mode not in PREPARE_RESIZE:
+        raise ValueError(f"--resize {resize_mode!r}: use one of {', '.join(PREPARE_RESIZE)}")
     if channels not in (None, 1, 3):
         raise ValueError(f"--channels {channels}: use 1 (grayscale) or 3 (RGB)")
     if not 0 <= png_compression <= 9:
@@ -125,7 +141,8 @@ def write_shards(source: Source, out: str | os.PathLike, val_fraction: float = 0
         "prepare": {"val_fraction": val_fraction, "seed": seed, "shard_size": str(shard_size), "image_size": image_size,
                     "png_compression": png_compression,
                     # only when set: data prepared without it keeps the identity (manifest hash) it had
-                    **({"channels": channels} if channels else {})},
+                    **({"channels": channels} if channels else {}),
+                    **({"resize": resize_mode} if image_size else {})},
         "class_names": list(source.class_names),
         "attribute_names": list(source.attribute_names),
         "splits": {},
@@ -135,7 +152,7 @@ def write_shards(source: Source, out: str | os.PathLike, val_fraction: float = 0
             if len(indices) == 0:
                 continue
             manifest["splits"][split] = _write_split(source, indices, tmp, split, max_count, max_bytes,
-                                                     image_size, png_compression, progress, channels)
+                                                     image_size, png_compression, progress, channels, resize_mode)
         atomic_write_json(tmp / MANIFEST, manifest)
         if out.exists():
             shutil.rmtree(out)
@@ -154,7 +171,7 @@ def _sample_name(source: Source, index: int, attributes: dict) -> str:
 
 def _write_split(source: Source, indices: np.ndarray, directory: Path, split: str, max_count: int,
                  max_bytes: int, image_size: Optional[int], png_compression: int, progress: bool,
-                 channels: Optional[int] = None) -> dict:
+                 channels: Optional[int] = None, resize_mode: str = "center-crop") -> dict:
     counts: Counter = Counter()
     reshaped: list[str] = []  # non-square images that the square resize stretched
     labels: Counter = Counter()
@@ -164,7 +181,9 @@ def _write_split(source: Source, indices: np.ndarray, directory: Path, split: st
         for index in track(indices, f"prepare {split}", "img", enabled=progress):
             sample = source[int(index)]
             image = to_channels(sample.image, channels) if channels else sample.image
-            if image_size:
+            if image_size and resize_mode == "center-crop":
+                image = center_crop(image, image_size)
+            elif image_size:
                 if image.shape[0] != image.shape[1]:
                     reshaped.append(f"{_sample_name(source, index, sample.attributes)} "
                                     f"({image.shape[1]}x{image.shape[0]})")
@@ -199,7 +218,8 @@ def _write_split(source: Source, indices: np.ndarray, directory: Path, split: st
             writer.close()
     if reshaped:
         log.warning("%s: resizing to %dx%d changed the aspect ratio of %d of %d images (first: %s); crop them to "
-                    "squares before genbench prepare to keep their proportions", split, image_size, image_size,
+                    "squares before genbench prepare, or use --resize center-crop, to keep their proportions", split,
+                    image_size, image_size,
                     len(reshaped), len(indices), reshaped[0])
     shards = [{"file": name, "num_samples": counts[name], "sha256": sha256_file(directory / name),
                "bytes": (directory / name).stat().st_size} for name in sorted(counts)]

@@ -7,6 +7,7 @@ See ``pipeline.data.datamodule`` for how the consumers split the data.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import random
 from collections import Counter
@@ -17,7 +18,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 
-from pipeline.data.imageops import decode_png
+from pipeline.data.imageops import RESIZE_MODES, decode_png, fit_to_size
 from pipeline.data.shards import ShardError
 from pipeline.data.tarstream import TarFormatError, iter_samples
 from pipeline.seeds import stable_seed
@@ -25,8 +26,20 @@ from pipeline.seeds import stable_seed
 log = logging.getLogger(__name__)
 NO_LABEL = -1
 
-# The entries a training sample needs; the .json attributes are not even copied out of the shard.
+# The entries a training sample needs; the .json attributes are not even copied out of the shard unless the
+# label comes from them.
 SAMPLE_ENTRIES = frozenset({"png", "jpg", "jpeg", "webp", "cls"})
+
+
+def parse_label_key(label_key: str) -> tuple[str, Optional[str]]:
+    """``cls`` | ``json:ATTRIBUTE`` | ``txt`` -> (entry, attribute)."""
+    entry, _, attribute = label_key.partition(":")
+    if entry == "json" and attribute:
+        return entry, attribute
+    if entry in ("cls", "txt") and not attribute:
+        return entry, None
+    raise ValueError(f"data.label_key={label_key!r}: use cls, json:ATTRIBUTE (e.g. json:label) or txt (matched "
+                     "against the class names)")
 
 
 class ShardStream(IterableDataset):
@@ -35,14 +48,22 @@ class ShardStream(IterableDataset):
     def __init__(self, paths: list[str], batch_size: int, channels: int, image_size: tuple[int, int],
                  rank: int = 0, world_size: int = 1, seed: int = 0, train: bool = True,
                  batches_per_rank: Optional[int] = None, shuffle_buffer: int = 2000, hflip: bool = False,
-                 expected_counts: Optional[dict[str, int]] = None) -> None:
+                 expected_counts: Optional[dict[str, int]] = None, resize: str = "center-crop",
+                 label_key: str = "cls", class_names: Optional[list[str]] = None) -> None:
         super().__init__()
         if not paths:
             raise ShardError("no shards to read")
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"data.resize={resize!r}: use one of {', '.join(RESIZE_MODES)}")
+        self.resize = resize if train or resize != "random-crop" else "center-crop"  # evaluation never crops at random
+        self.label_entry, self.label_attribute = parse_label_key(label_key)
+        self.class_index = {name: i for i, name in enumerate(class_names or [])}
+        self.entries = SAMPLE_ENTRIES | {self.label_entry}
+        self._crop_rng = random.Random(0)
         self.paths = list(paths)
         self.batch_size = batch_size
         self.channels = channels
-        self.image_size = tuple(image_size)
+        self.image_size = (int(image_size[0]), int(image_size[1]))
         self.rank, self.world_size = rank, world_size
         self.seed, self.train = seed, train
         self.batches_per_rank = batches_per_rank
@@ -80,7 +101,7 @@ class ShardStream(IterableDataset):
             i = offsets[path]
             n = 0
             try:
-                for sample in iter_samples(path, SAMPLE_ENTRIES):
+                for sample in iter_samples(path, self.entries):
                     if stride == 1 or i % stride == consumer:
                         yield sample
                     i += 1
@@ -121,7 +142,7 @@ class ShardStream(IterableDataset):
         for sample in samples:
             try:
                 image = self._decode_image(sample)
-                label = int(sample["cls"]) if "cls" in sample else NO_LABEL
+                label = self._label(sample)
             except Exception as e:  # a corrupt sample is skipped and counted, never fatal
                 shard = sample.get("__url__", "?")
                 if self.skipped[shard] == 0:
@@ -144,10 +165,23 @@ class ShardStream(IterableDataset):
             if data is None:
                 raise ValueError(f"no image entry (has {sorted(k for k in sample if not k.startswith('__'))})")
             image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
-        if tuple(image.shape[1:]) != self.image_size:
-            raise ValueError(f"image is {image.shape[2]}x{image.shape[1]}, the split's images are "
-                             f"{self.image_size[1]}x{self.image_size[0]}")
-        return image
+        # other tools' corpora hold every size: fitted here, on the loader workers
+        return fit_to_size(image, self.image_size, self.resize, self._crop_rng)
+
+    def _label(self, sample: dict) -> int:
+        if self.label_entry not in sample:
+            return NO_LABEL
+        raw = sample[self.label_entry]
+        if self.label_entry == "json":
+            value = json.loads(raw)[self.label_attribute]
+        else:
+            value = raw.decode("utf-8").strip() if isinstance(raw, (bytes, bytearray)) else str(raw).strip()
+        if isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit()):
+            return int(value)
+        if value in self.class_index:
+            return self.class_index[value]
+        raise ValueError(f"label {value!r} ({self.label_entry}) is neither a class index nor one of the class names "
+                         f"{sorted(self.class_index)}")
 
     def _collate(self, items: list[tuple[torch.Tensor, int, str]], rng: torch.Generator) -> dict[str, Any]:
         images = torch.stack([it[0] for it in items])
@@ -177,6 +211,7 @@ class ShardStream(IterableDataset):
         consumer, consumers, worker, workers = self._consumer()
         samples = self._raw(consumer, consumers)
         generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, consumer)) & 0xFFFFFFFF)
+        self._crop_rng = self._rng(self.epoch, consumer, 2)
         batches = self._batches(self._decode(samples), generator)
         quota = self.quota(worker, workers)
         if quota is None:
