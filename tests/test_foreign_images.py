@@ -105,3 +105,27 @@ def test_labels_from_json_and_txt(foreign):
         ShardDataModule(str(foreign), label_key="json")
     with pytest.raises(ValueError, match="data.resize='crop'"):
         ShardDataModule(str(foreign), resize="crop")
+
+
+@pytest.mark.slow
+def test_a_run_trains_and_is_scored_at_the_fitted_size(tmp_path, digits_shards):
+    """8x8 digits trained at 16x16 (data.image_size): the model's size is checked against the fitted size, and
+    the benchmark reads its reference at that size (the memorisation audit compares pixels, so it must)."""
+    from conftest import REPO, genbench
+
+    fit = genbench("fit", "--config", str(REPO / "experiments" / "digits" / "vae.yaml"), "--trainer.max_steps=3",
+                   f"--data.init_args.shards={digits_shards}", "--data.init_args.image_size=16",
+                   "--model.init_args.image_size=16", f"--run.root={tmp_path / 'runs'}", "--tracking.wandb=false",
+                   "--trainer.enable_progress_bar=false")
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    (run,) = (tmp_path / "runs").iterdir()
+    bench = genbench("benchmark", "--run", str(run), "--num-samples", "60", "--metrics", "memorization",
+                     "--results", str(tmp_path / "results"))
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "results").glob("*.json")]
+    assert record["protocol"]["reference"]["fit"] == {"image_size": 16}
+    assert record["metrics"]["memorization"]["spaces"]["pixels"]["copy_rate"] is not None
+    mismatch = genbench("fit", "--config", str(REPO / "experiments" / "digits" / "vae.yaml"), "--trainer.max_steps=3",
+                        f"--data.init_args.shards={digits_shards}", "--data.init_args.image_size=16",
+                        f"--run.root={tmp_path / 'runs2'}", "--tracking.wandb=false")
+    assert mismatch.returncode != 0 and "data.init_args.image_size: 8" in mismatch.stderr

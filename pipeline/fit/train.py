@@ -111,14 +111,17 @@ def check_model_fits_data(config: Namespace) -> None:
     train = manifest["splits"].get("train")
     if train is None:
         raise ConfigError(f"{config.data.init_args.shards} has no train split")
-    h, w = train["image_size"]
+    data = config.data.init_args
+    # the data module fits every image to data.image_size / data.channels when they are set
+    h, w = (data.get("image_size"),) * 2 if data.get("image_size") else train["image_size"]
+    channels = data.get("channels") or train["channels"]
     if (model.image_size, model.image_size) != (h, w):
         raise ConfigError(f"model.init_args.image_size={model.image_size} but the shards in "
-                          f"{config.data.init_args.shards} hold {w}x{h} images; set image_size: {h} or re-prepare "
-                          f"with --image-size {model.image_size}")
-    if model.channels != train["channels"]:
-        raise ConfigError(f"model.init_args.channels={model.channels} but the shards hold {train['channels']}-channel "
-                          f"images; set channels: {train['channels']}")
+                          f"{config.data.init_args.shards} hold {w}x{h} images; set image_size: {h}, or "
+                          f"data.init_args.image_size: {model.image_size} to fit them on loading")
+    if model.channels != channels:
+        raise ConfigError(f"model.init_args.channels={model.channels} but the shards hold {channels}-channel "
+                          f"images; set channels: {channels}, or data.init_args.channels: {model.channels}")
     n_classes = len(manifest["class_names"]) or len(train["label_histogram"])
     if model.num_classes is not None and model.num_classes != n_classes:
         raise ConfigError(f"model.init_args.num_classes={model.num_classes} but the shards have {n_classes} classes"
