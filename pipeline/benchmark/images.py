@@ -106,7 +106,7 @@ class ShardImages:
         """``fit``: the data module's ``image_size``/``channels``/``resize``/``label_key`` of the run being scored
         (what its model saw), when they are set."""
         self.shards = str(shards)
-        self.manifest = load_manifest(shards)
+        self.manifest = load_manifest(shards, (fit or {}).get("val_shards"))
         if split not in self.manifest["splits"]:
             raise ImageSourceError(f"{shards} has no {split!r} split (it has {sorted(self.manifest['splits'])})")
         self.split = split

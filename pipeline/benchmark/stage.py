@@ -39,7 +39,7 @@ from pipeline.metrics import DEFAULT, DEMOGRAPHICS, PROMPT_METRICS
 
 RECORD_VERSION = 2
 # data-module settings that change the images a model trains on: its reference is read with the same
-FIT_KEYS = ("image_size", "channels", "resize", "label_key")
+FIT_KEYS = ("image_size", "channels", "resize", "label_key", "val_shards")
 # Reference rows of the leaderboard: what a perfect model and no model at all would score.
 FLOOR, CEILING = "reference: held-out validation split", "reference: uniform noise"
 

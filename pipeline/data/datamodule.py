@@ -28,6 +28,7 @@ from pytorch_lightning import LightningDataModule
 
 from pipeline.data.imageops import RESIZE_MODES
 from pipeline.data.loaders import EpochDataLoader, ignore_job_signals, loader_context
+from pipeline.data.remote import public_url
 from pipeline.data.shards import ShardError, load_manifest, manifest_hash, shard_paths
 from pipeline.data.stream import NO_LABEL, ShardStream, guaranteed_pass_samples, parse_label_key
 
@@ -38,7 +39,10 @@ class ShardDataModule(LightningDataModule):
     """Streams the train/val shards that ``genbench prepare`` wrote (or WebDataset tars from other tools).
 
     Args:
-        shards: directory holding the shards and their manifest.json.
+        shards: directory holding the shards and their manifest.json; or a URL prefix holding manifest.json
+            (``https://host/data/``, ``s3://bucket/prefix/``); or a brace pattern of shard URLs
+            (``https://host/train-{000000..000099}.tar``), which has no counts: give ``samples_per_epoch``.
+        val_shards: with a pattern, the val split's pattern.
         batch_size: images per batch on each rank.
         num_workers: loader worker processes per rank (0 reads in the training process).
         shuffle_buffer: samples held by each worker's shuffle buffer.
@@ -62,7 +66,8 @@ class ShardDataModule(LightningDataModule):
     def __init__(self, shards: str, batch_size: int = 128, num_workers: int = 2, shuffle_buffer: int = 2000,
                  hflip: bool = False, seed: int = 0, samples_per_epoch: Optional[int] = None,
                  val_batch_size: Optional[int] = None, pin_memory: bool = True, image_size: Optional[int] = None,
-                 channels: Optional[int] = None, resize: str = "center-crop", label_key: str = "cls") -> None:
+                 channels: Optional[int] = None, resize: str = "center-crop", label_key: str = "cls",
+                 val_shards: Optional[str] = None) -> None:
         super().__init__()
         if resize not in RESIZE_MODES:
             raise ValueError(f"data.resize={resize!r}: use one of {', '.join(RESIZE_MODES)}")
@@ -72,6 +77,7 @@ class ShardDataModule(LightningDataModule):
             raise ValueError(f"data.image_size={image_size} must be a positive number of pixels")
         parse_label_key(label_key)  # a malformed key fails here, not in a worker
         self.image_size, self.channels, self.resize, self.label_key = image_size, channels, resize, label_key
+        self.val_shards = val_shards
         if batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size} must be at least 1")
         if num_workers < 0:
@@ -90,7 +96,7 @@ class ShardDataModule(LightningDataModule):
     @property
     def manifest(self) -> dict:
         if self._manifest is None:
-            self._manifest = load_manifest(self.shards)
+            self._manifest = load_manifest(self.shards, self.val_shards)
         return self._manifest
 
     @property
@@ -131,13 +137,16 @@ class ShardDataModule(LightningDataModule):
             workers = max(1, self.num_workers)
             if self.samples_per_epoch:
                 batches = max(1, self.samples_per_epoch // (batch_size * world_size))
+            elif any(s["num_samples"] is None for s in info["shards"]):
+                raise ShardError(f"the shards of {public_url(self.shards)} come without a manifest to count their "
+                                 "samples: set data.init_args.samples_per_epoch (the epoch length over all ranks)")
             else:
                 # One pass: every worker's quota fits in the samples it is sure to get in a pass.
                 per_worker = guaranteed_pass_samples([s["num_samples"] for s in info["shards"]],
                                                      world_size * workers) // batch_size
                 batches = max(1, per_worker * workers)
         paths = shard_paths(self.shards, self.manifest, split)
-        counts = {p: s["num_samples"] for p, s in zip(paths, info["shards"])}
+        counts = {p: s["num_samples"] for p, s in zip(paths, info["shards"]) if s["num_samples"] is not None}
         channels, height, width = self.image_shape
         return ShardStream(paths, batch_size, channels, (height, width), rank=rank,
                            world_size=world_size, seed=self.seed, train=train, batches_per_rank=batches,

@@ -30,6 +30,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.console import track
+from pipeline.data import remote
 from pipeline.data.imageops import fit_to_size
 from pipeline.data.sources import Source
 from pipeline.io import atomic_write_json, sha256_file
@@ -298,12 +299,60 @@ def count_tar_samples(path: str | os.PathLike) -> TarSummary:
     return TarSummary(len(keys), shape, reader.digest.hexdigest())
 
 
-def load_manifest(directory: str | os.PathLike) -> dict:
-    """Read ``DIR/manifest.json``; for shards written by other tools (no manifest), index the tars found.
+def load_remote_manifest(spec: str, val: Optional[str] = None) -> dict:
+    """The manifest of remote shards: ``PREFIX/manifest.json`` for a URL prefix (``https://h/data/``,
+    ``s3://bucket/prefix/``), or, for a brace pattern of shard URLs (``https://h/train-{000000..000099}.tar``,
+    with ``val`` the val split's), one built here: each shard's URL with its size/ETag/Last-Modified as the
+    server gives them (the data's identity), the first image's shape, and no sample counts (the data module then
+    needs ``samples_per_epoch``)."""
+    if not (spec.endswith(".tar") or "{" in spec):
+        prefix = spec if spec.endswith("/") else spec + "/"
+        try:
+            manifest = json.loads(remote.read_bytes(prefix + MANIFEST))
+        except json.JSONDecodeError as e:
+            raise ShardError(f"{remote.public_url(prefix + MANIFEST)} is not valid JSON ({e})") from e
+        except remote.RemoteShardError as e:
+            raise ShardError(f"{e}; a URL prefix must hold the {MANIFEST} genbench prepare writes, or give a brace "
+                             "pattern of shard URLs (https://host/train-{000000..000099}.tar)") from None
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise ShardError(f"{remote.public_url(prefix + MANIFEST)} has format {manifest.get('format')!r}, expected "
+                             f"{MANIFEST_FORMAT!r}")
+        manifest["prefix"] = prefix
+        return manifest
+    splits = {}
+    for split, pattern in (("train", spec), ("val", val)):
+        if not pattern:
+            continue
+        urls = remote.expand(pattern)
+        shape = None
+        try:
+            for name, data in remote.iter_remote_members(urls[0]):
+                if name.rpartition(".")[2].lower() in ("png", "jpg", "jpeg", "webp"):
+                    shape = _image_shape(data)
+                    break
+        except remote.RemoteShardError as e:
+            raise ShardError(str(e)) from None
+        if shape is None:
+            raise ShardError(f"no image in the first shard {remote.public_url(urls[0])} of {split} split")
+        try:
+            shards = [{**remote.describe(u), "file": u, "num_samples": None} for u in urls]
+        except remote.RemoteShardError as e:
+            raise ShardError(str(e)) from None
+        splits[split] = {"num_samples": None, "image_size": [shape[0], shape[1]], "channels": shape[2],
+                         "label_histogram": [], "shards": shards}
+    return {"format": MANIFEST_FORMAT, "source": f"urls:{remote.public_url(spec)}", "prepare": None,
+            "class_names": [], "attribute_names": [], "splits": splits}
+
+
+def load_manifest(directory: str | os.PathLike, val: Optional[str] = None) -> dict:
+    """Read ``DIR/manifest.json``; for shards written by other tools (no manifest), index the tars found; for a
+    URL or URL pattern, ``load_remote_manifest`` (``val``: the val split's pattern).
 
     Checks that every shard file the manifest names exists, so a missing shard fails here with its path
     rather than deep inside a worker.
     """
+    if remote.is_remote(str(directory)):
+        return load_remote_manifest(str(directory), val)
     directory = Path(directory)
     if not directory.is_dir():
         raise ShardError(f"shard directory {directory} does not exist; create it with: "
@@ -403,7 +452,11 @@ def verify_shards(directory: str | os.PathLike, progress: bool = True) -> list[V
 
 
 def shard_paths(directory: str | os.PathLike, manifest: dict, split: str) -> list[str]:
+    """The path or URL of each shard of a split."""
     if split not in manifest["splits"]:
         raise ShardError(f"{directory} has no {split!r} split (it has {sorted(manifest['splits'])})")
-    return [str(Path(directory) / s["file"]) for s in manifest["splits"][split]["shards"]]
+    files = [s["file"] for s in manifest["splits"][split]["shards"]]
+    if "prefix" in manifest:  # a manifest read from a URL: its files are relative to it
+        return [manifest["prefix"] + f for f in files]
+    return [f if remote.is_remote(f) else str(Path(directory) / f) for f in files]
 

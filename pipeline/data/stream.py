@@ -19,8 +19,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 
 from pipeline.data.imageops import RESIZE_MODES, decode_png, fit_to_size
+from pipeline.data.remote import RemoteShardError, is_remote, iter_remote_members, public_url
 from pipeline.data.shards import ShardError
-from pipeline.data.tarstream import TarFormatError, iter_samples
+from pipeline.data.tarstream import TarFormatError, group_samples, iter_samples
 from pipeline.seeds import stable_seed
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class ShardStream(IterableDataset):
         if self.train:
             # Same permutation on every consumer: shard assignment stays disjoint.
             self._rng(self.epoch, pass_index).shuffle(order)
-        counts = [self.expected_counts.get(p, 1) for p in self.paths]
+        counts = [self.expected_counts.get(p) or 1 for p in self.paths]  # unknown (no manifest): whole shards
         if split_by_shard(counts, consumers):
             mine, stride = order[consumer::consumers], 1
         else:
@@ -100,12 +101,16 @@ class ShardStream(IterableDataset):
         for path in mine:
             i = offsets[path]
             n = 0
+            samples = group_samples(iter_remote_members(path), public_url(path), self.entries) \
+                if is_remote(path) else iter_samples(path, self.entries)
             try:
-                for sample in iter_samples(path, self.entries):
+                for sample in samples:
                     if stride == 1 or i % stride == consumer:
                         yield sample
                     i += 1
                     n += 1
+            except RemoteShardError as e:  # retried already: the message names the URL and the endpoint
+                raise ShardError(str(e)) from None
             except (TarFormatError, OSError) as e:
                 raise ShardError(f"shard {path} is unreadable or truncated ({e}); check it with genbench prepare "
                                  "--verify, or recreate it with genbench prepare") from e

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 BLOCK = 512
 
@@ -96,8 +96,15 @@ def iter_members(path: str) -> Iterator[tuple[str, bytes]]:
 
 def iter_samples(path: str, extensions: Optional[frozenset[str]] = None) -> Iterator[dict]:
     """WebDataset samples of one shard; ``extensions`` keeps only those entries (others are not copied)."""
+    return group_samples(iter_members(path), path, extensions)
+
+
+def group_samples(members: Iterator[tuple[str, Any]], url: str,
+                  extensions: Optional[frozenset[str]] = None) -> Iterator[dict]:
+    """(name, data) members of a tar, in order -> WebDataset samples (``__key__``, ``__url__``, one entry per
+    extension)."""
     current: Optional[dict] = None
-    for name, data in iter_members(path):
+    for name, data in members:
         slash = name.rfind("/")
         dot = name.find(".", slash + 1)
         if dot < 0:
@@ -106,7 +113,7 @@ def iter_samples(path: str, extensions: Optional[frozenset[str]] = None) -> Iter
         if current is None or current["__key__"] != key:
             if current is not None:
                 yield current
-            current = {"__key__": key, "__url__": path}
+            current = {"__key__": key, "__url__": url}
         if extensions is None or ext in extensions:
             current[ext] = data
     if current is not None:

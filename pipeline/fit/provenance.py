@@ -77,10 +77,23 @@ class ProvenanceCallback(Callback):
         self.record: dict[str, Any] = {}
         self._t0 = 0.0
 
+    def _data(self, trainer: Any) -> dict[str, Any]:
+        """Which data: the shards (URLs without credentials) and the manifest hash (for remote shards without a
+        manifest, a hash over each shard's URL, size and ETag/Last-Modified as the server gave them)."""
+        from pipeline.data.remote import is_remote, public_url
+        from pipeline.data.shards import load_manifest, manifest_hash, shard_paths
+
+        dm = getattr(trainer, "datamodule", None)
+        manifest = dm.manifest if dm is not None and hasattr(dm, "manifest") else load_manifest(self.shards)
+        out: dict[str, Any] = {"shards": public_url(self.shards) if is_remote(self.shards) else self.shards,
+                               "manifest_hash": manifest_hash(manifest)}
+        if is_remote(self.shards):
+            out["shard_urls"] = {split: [public_url(p) for p in shard_paths(self.shards, manifest, split)]
+                                 for split in manifest["splits"]}
+        return out
+
     @rank_zero_only
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from pipeline.data.shards import load_manifest, manifest_hash
-
         self._t0 = time.time()
         previous = self._read()
         self.record = {
@@ -90,7 +103,7 @@ class ProvenanceCallback(Callback):
             "model_class": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
             "config_hash": self.config_hash,
             "seed": self.seed,
-            "data": {"shards": self.shards, "manifest_hash": manifest_hash(load_manifest(self.shards))},
+            "data": self._data(trainer),
             **describe_environment(),
             "world_size": trainer.world_size,
             "max_steps": trainer.max_steps,  # this attempt's schedule; each resume records the one it continued to

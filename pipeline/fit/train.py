@@ -27,6 +27,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 from pipeline.console import interactive
 from pipeline.data.datamodule import ShardDataModule
+from pipeline.data.remote import is_remote
 from pipeline.data.shards import MANIFEST, load_manifest
 from pipeline.fit.budget import BudgetError, TrainingBudget, parse_budget
 from pipeline.fit.checkpoints import LAST, RunCheckpoint, SharedCheckpointIO
@@ -83,6 +84,8 @@ def _rank_from_env() -> int:
 
 def ensure_shards(data_config: Namespace, prepare: Namespace) -> None:
     """Write the shards the config names if they do not exist and the config says how (its ``prepare`` group)."""
+    if is_remote(str(data_config.init_args.shards)):
+        return  # remote shards are read where they are; genbench prepare writes local directories
     shards = Path(data_config.init_args.shards)
     if (shards / MANIFEST).exists() or (shards.is_dir() and any(shards.glob("*.tar"))):
         return
@@ -107,7 +110,7 @@ def ensure_shards(data_config: Namespace, prepare: Namespace) -> None:
 def check_model_fits_data(config: Namespace) -> None:
     """Image size, channels and classes of the model against the shards' manifest, with the fix."""
     model = config.model.init_args
-    manifest = load_manifest(config.data.init_args.shards)
+    manifest = load_manifest(config.data.init_args.shards, config.data.init_args.get("val_shards"))
     train = manifest["splits"].get("train")
     if train is None:
         raise ConfigError(f"{config.data.init_args.shards} has no train split")

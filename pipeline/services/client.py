@@ -24,13 +24,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from PIL import Image
 
 from pipeline.console import progress
 from pipeline.data.generated import GENERATION_FILE, IMAGES, META, MetaLog, image_name, meta_path, read_meta
 from pipeline.data.prompts import Prompt, PromptSuite, load_prompts
+from pipeline.data.remote import public_url
 from pipeline.io import atomic_write_bytes, atomic_write_json
 
 REFUSAL_CODES = ("content_policy_violation", "moderation_blocked")  # DALL-E's and gpt-image's
@@ -71,14 +72,6 @@ class Outcome:
     retries: int = 0
     skipped_existing: int = 0
     wall_seconds: float = 0.0
-
-
-def public_url(url: str) -> str:
-    """The URL without user:password and query (where some gateways put keys): what files and messages show."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def redact(text: str, secret: Optional[str]) -> str:

@@ -1,0 +1,189 @@
+"""Shards from anywhere: ``http(s)://`` and ``s3://`` URLs read through fsspec (s3fs for S3), with the
+retries a stream to many nodes needs.
+
+fsspec reads a remote file in blocks, one range request each (``READ_BLOCK``), and S3-compatible stores are
+reached through ``AWS_ENDPOINT_URL`` and the usual credential chain. What fsspec does not do is retry: one
+dropped connection or 503 in the middle of a 1 GB shard would end a 64-GPU run. ``RetryingReader`` re-opens
+the file at the byte it had reached, with exponential backoff and jitter, up to ``retries`` times, then fails
+naming the URL. A read that stalls past ``timeout`` seconds is such a failure, never a hang. 401/403/404 are not
+retried: the message names the URL, the endpoint and where credentials come from, never a secret.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import time
+from typing import Any, Iterator, Optional
+from urllib.parse import urlsplit, urlunsplit
+
+REMOTE = ("http://", "https://", "s3://")
+READ_BLOCK = 4 << 20  # bytes per range request: big enough to stream, small enough to retry cheaply
+# seconds without data before a read counts as failed, and retries per read; the environment sets them for a
+# whole job (loader workers included)
+TIMEOUT = float(os.environ.get("GENBENCH_REMOTE_TIMEOUT", "60"))
+RETRIES = int(os.environ.get("GENBENCH_REMOTE_RETRIES", "5"))
+
+
+class RemoteShardError(OSError):
+    """A remote shard that cannot be read, with the URL and the fix."""
+
+
+def is_remote(spec: str) -> bool:
+    return str(spec).startswith(REMOTE)
+
+
+def public_url(url: str) -> str:
+    """The URL without user:password and query string (where presigned URLs and some gateways carry keys)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def endpoint_description(url: str) -> str:
+    """Where a request went and with which credentials source, for error messages (no secret)."""
+    if url.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") or "AWS S3 (no AWS_ENDPOINT_URL set)"
+        source = "AWS_ACCESS_KEY_ID" if os.environ.get("AWS_ACCESS_KEY_ID") else \
+            f"profile {os.environ.get('AWS_PROFILE', 'default')} / instance role"
+        return f"endpoint {endpoint}, credentials from {source}"
+    return f"server {urlsplit(url).hostname}"
+
+
+def filesystem(url: str, timeout: float) -> Any:
+    """The fsspec filesystem of a URL, with connect and read timeouts."""
+    import fsspec
+
+    if url.startswith("s3://"):
+        client = {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]} if os.environ.get("AWS_ENDPOINT_URL") else {}
+        return fsspec.filesystem("s3", client_kwargs=client, default_block_size=READ_BLOCK,
+                                 config_kwargs={"connect_timeout": timeout, "read_timeout": timeout,
+                                                "retries": {"max_attempts": 1}})  # retried here, at the shard
+    import aiohttp
+
+    return fsspec.filesystem("http", block_size=READ_BLOCK, client_kwargs={
+        "timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)})
+
+
+def _status(e: BaseException) -> Optional[int]:
+    status = getattr(e, "status", None) or getattr(e, "code", None)
+    if isinstance(status, int):
+        return status
+    response = getattr(e, "response", None)  # botocore ClientError
+    if isinstance(response, dict):
+        code = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return int(code) if code else None
+    return None
+
+
+def refusal(url: str, e: BaseException) -> Optional[RemoteShardError]:
+    """The error for an answer that retrying cannot change (missing, forbidden), else None."""
+    status = _status(e)
+    if isinstance(e, FileNotFoundError) or status == 404:
+        return RemoteShardError(f"{public_url(url)} does not exist (404 from {endpoint_description(url)}); check the "
+                                "shard pattern or the manifest's file names")
+    if isinstance(e, PermissionError) or status in (401, 403):
+        return RemoteShardError(f"{public_url(url)} refused access ({status or 'forbidden'} from "
+                                f"{endpoint_description(url)}); check the credentials and the endpoint")
+    return None
+
+
+class RetryingReader(io.RawIOBase):
+    """A remote file as a sequential stream that survives dropped connections, 5xx answers and stalls."""
+
+    def __init__(self, url: str, retries: Optional[int] = None, timeout: Optional[float] = None,
+                 backoff: float = 0.5) -> None:
+        super().__init__()
+        self.url, self.backoff = url, backoff
+        self.retries = RETRIES if retries is None else retries
+        self.timeout = TIMEOUT if timeout is None else timeout
+        self.position = 0
+        self.file: Any = None
+        self.retried = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def _reopen(self) -> None:
+        self.close_file()
+        self.file = filesystem(self.url, self.timeout).open(self.url, "rb")
+        if self.position:
+            self.file.seek(self.position)
+
+    def close_file(self) -> None:
+        if self.file is not None:
+            try:
+                self.file.close()
+            except Exception:  # a broken connection may fail to close too; the next open starts afresh
+                pass
+            self.file = None
+
+    def readinto(self, buffer: Any) -> int:
+        last: Optional[BaseException] = None
+        for attempt in range(self.retries + 1):
+            try:
+                if self.file is None:
+                    self._reopen()
+                data = self.file.read(len(buffer))
+                buffer[:len(data)] = data
+                self.position += len(data)
+                return len(data)
+            except Exception as e:  # fsspec surfaces aiohttp/botocore/asyncio errors as they are
+                denied = refusal(self.url, e)
+                if denied is not None:
+                    raise denied from None
+                last = e
+                self.close_file()
+                if attempt < self.retries:
+                    self.retried += 1
+                    time.sleep(self.backoff * 2 ** attempt * (1 + random.random()))
+        raise RemoteShardError(f"{public_url(self.url)}: reading at byte {self.position} failed {self.retries + 1} "
+                               f"times ({type(last).__name__}: {last}); the last try waited up to {self.timeout:g} s "
+                               f"for data ({endpoint_description(self.url)})")
+
+    def close(self) -> None:
+        self.close_file()
+        super().close()
+
+
+def iter_remote_members(url: str, retries: Optional[int] = None,
+                        timeout: Optional[float] = None) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each file in a remote tar, streamed in order."""
+    import tarfile
+
+    with io.BufferedReader(RetryingReader(url, retries, timeout), buffer_size=1 << 20) as stream:
+        try:
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                for member in tar:
+                    if member.isfile():
+                        handle = tar.extractfile(member)
+                        assert handle is not None
+                        yield member.name, handle.read()
+        except tarfile.TarError as e:
+            raise RemoteShardError(f"{public_url(url)} is not a readable tar ({e})") from e
+
+
+def read_bytes(url: str, retries: Optional[int] = None, timeout: Optional[float] = None) -> bytes:
+    """A whole small remote file (a manifest), with the same retries."""
+    with RetryingReader(url, retries, timeout) as reader:
+        return io.BufferedReader(reader).read()
+
+
+def expand(pattern: str) -> list[str]:
+    """``https://h/train-{000000..000099}.tar`` -> the URLs, the WebDataset way (braceexpand)."""
+    import braceexpand
+
+    return list(braceexpand.braceexpand(pattern))
+
+
+def describe(url: str, timeout: Optional[float] = None) -> dict[str, Any]:
+    """What identifies a remote shard's version without reading it: size, ETag, Last-Modified, as the server
+    gives them."""
+    try:
+        info = filesystem(url, TIMEOUT if timeout is None else timeout).info(url)
+    except Exception as e:
+        raise refusal(url, e) or RemoteShardError(f"{public_url(url)}: {type(e).__name__}: {e}") from None
+    keep = {k.lower(): v for k, v in info.items() if k.lower() in ("size", "etag", "lastmodified", "last_modified")}
+    return {"url": public_url(url), **{k: str(v) for k, v in keep.items()}}

@@ -1,0 +1,89 @@
+"""A static file server for shard tests on 127.0.0.1 that answers Range requests (as nginx and object stores
+do; Python's http.server does not), logs every request, and injects the faults of a real network on demand:
+a connection cut mid-body, 503 answers, a stall."""
+
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+class ShardServer:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.log: list[tuple[str, str, str]] = []  # (method, path, Range header)
+        self.cut_once: set[str] = set()  # paths whose next GET sends half the body, then drops the connection
+        self.unavailable: dict[str, int] = {}  # path -> how many more 503 answers
+        self.stall: set[str] = set()  # paths that never answer
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _file(self):
+                path = (server.root / self.path.lstrip("/").split("?")[0]).resolve()
+                return path if path.is_file() and server.root.resolve() in path.parents else None
+
+            def _headers(self, status: int, length: int, extra: dict | None = None) -> None:
+                self.send_response(status)
+                self.send_header("Content-Length", str(length))
+                self.send_header("Accept-Ranges", "bytes")
+                self.send_header("ETag", '"v1"')
+                for k, v in (extra or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+
+            def do_HEAD(self):
+                server.log.append(("HEAD", self.path, ""))
+                path = self._file()
+                if path is None:
+                    return self._headers(404, 0)
+                self._headers(200, path.stat().st_size)
+
+            def do_GET(self):
+                rng = self.headers.get("Range", "")
+                server.log.append(("GET", self.path, rng))
+                if self.path in server.stall:
+                    time.sleep(30)
+                    return
+                if server.unavailable.get(self.path, 0) > 0:
+                    server.unavailable[self.path] -= 1
+                    return self._headers(503, 0)
+                path = self._file()
+                if path is None:
+                    return self._headers(404, 0)
+                data = path.read_bytes()
+                start, end = 0, len(data) - 1
+                if rng.startswith("bytes="):
+                    a, _, b = rng[6:].partition("-")
+                    start, end = int(a), min(int(b) if b else len(data) - 1, len(data) - 1)
+                body = data[start:end + 1]
+                status = 206 if rng else 200
+                extra = {"Content-Range": f"bytes {start}-{end}/{len(data)}"} if rng else {}
+                self._headers(status, len(body), extra)
+                if self.path in server.cut_once and len(body) > 2048:
+                    server.cut_once.discard(self.path)
+                    self.wfile.write(body[:len(body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> "ShardServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,0 +1,141 @@
+"""Shards streamed over real HTTP from a server on 127.0.0.1 (range requests, logged) and from an S3-compatible
+server (moto) started by the test: a manifest at a URL prefix, a brace pattern of foreign tars without one, the
+network's faults (a cut connection, 503s, a stall, a 404), and two DDP ranks reading disjoint samples."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from shard_server import ShardServer
+from test_foreign_images import _bands, _encode, _write_tar
+
+from conftest import REPO
+from pipeline.data.datamodule import ShardDataModule
+from pipeline.data.shards import ShardError, load_manifest, manifest_hash
+
+
+def _keys(dm: ShardDataModule, split: str) -> list[str]:
+    return [k for b in dm.stream(split, False, 64) for k in b["key"]]
+
+
+@pytest.fixture
+def served_digits(digits_shards):
+    with ShardServer(digits_shards) as server:
+        yield server
+
+
+def test_a_manifest_at_a_url_prefix_reads_like_the_directory(digits_shards, served_digits):
+    local = ShardDataModule(str(digits_shards), num_workers=0)
+    remote = ShardDataModule(served_digits.url + "/", num_workers=0)
+    assert manifest_hash(remote.manifest) == manifest_hash(local.manifest)
+    assert _keys(remote, "val") == _keys(local, "val")
+    first = next(iter(remote.stream("val", False, 16)))["image"]
+    torch.testing.assert_close(first, next(iter(local.stream("val", False, 16)))["image"])
+    assert any(method == "GET" and rng.startswith("bytes=") for method, _, rng in served_digits.log)
+
+
+def test_faults_are_retried_then_named(digits_shards, served_digits, monkeypatch):
+    import pipeline.data.remote as remote
+
+    monkeypatch.setattr(remote, "READ_BLOCK", 4096)  # many range requests per shard: faults land mid-shard
+    dm = ShardDataModule(served_digits.url + "/", num_workers=0)
+    expected = _keys(ShardDataModule(str(digits_shards), num_workers=0), "val")
+    val = "/" + dm.manifest["splits"]["val"]["shards"][0]["file"]
+    served_digits.cut_once.add(val)
+    served_digits.unavailable[val] = 2
+    assert _keys(dm, "val") == expected  # a cut connection and two 503s: retried, nothing lost or repeated
+    served_digits.stall.add(val)
+    monkeypatch.setattr(remote, "TIMEOUT", 0.5)
+    monkeypatch.setattr(remote, "RETRIES", 1)
+    t0 = time.monotonic()
+    with pytest.raises(ShardError, match=rf"{served_digits.url}{val}: reading at byte 0 failed 2 times"):
+        _keys(ShardDataModule(served_digits.url + "/", num_workers=0), "val")
+    assert time.monotonic() - t0 < 15  # bounded by the timeout, not by the 30 s stall
+    with pytest.raises(ShardError, match=r"/nowhere/manifest.json does not exist \(404 from server 127.0.0.1\)"):
+        load_manifest(served_digits.url + "/nowhere/")
+
+
+def test_a_brace_pattern_of_foreign_tars_without_manifest(tmp_path):
+    for split, n in (("train", 3), ("val", 1)):
+        for s in range(n):
+            samples = [{"jpg": _encode(_bands(24 + 8 * (i % 3), 20), "JPEG"), "cls": str(i % 4).encode()}
+                       for i in range(12)]
+            _write_tar(tmp_path / f"{split}-{s:06d}.tar", samples)
+    with ShardServer(tmp_path) as server:
+        pattern = server.url + "/train-{000000..000002}.tar"
+        with pytest.raises(ShardError, match="set data.init_args.samples_per_epoch"):
+            ShardDataModule(pattern, num_workers=0, image_size=16).stream("train", True, 6)
+        dm = ShardDataModule(pattern, num_workers=0, image_size=16, channels=3, samples_per_epoch=36,
+                             val_shards=server.url + "/val-000000.tar")
+        batches = list(dm.stream("train", True, 6))
+        assert len(batches) == 6 and all(b["image"].shape == (6, 3, 16, 16) for b in batches)
+        assert len({k for b in batches for k in b["key"]}) == 12  # 3 shards of keys sample00000..11 each
+        assert sum(len(b["key"]) for b in dm.stream("val", False, 6)) == 12
+        shards = dm.manifest["splits"]["train"]["shards"]
+        assert [s["etag"] for s in shards] == ['"v1"'] * 3 and shards[0]["size"]
+        assert dm.manifest["source"] == f"urls:{server.url}/train-{{000000..000002}}.tar"
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_two_ranks_stream_disjoint_samples_over_http(tmp_path, served_digits):
+    out = tmp_path / "probe"
+    out.mkdir()
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_probe.py"), served_digits.url + "/", str(out),
+                           "0", "0"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("rank*-epoch0.json"))]
+    assert len(records) == 2 and records[0]["batches"] == records[1]["batches"] > 0
+    assert not set(records[0]["keys"]) & set(records[1]["keys"])
+    assert sum(1 for m, _, r in served_digits.log if m == "GET" and r) >= 2
+
+
+@pytest.fixture
+def moto_s3(tmp_path, monkeypatch):
+    """moto's S3 server on 127.0.0.1 (the S3 wire protocol), with test credentials in the environment."""
+    from serving import free_port
+
+    port = free_port()
+    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-never-shown")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    import httpx
+
+    for _ in range(100):
+        try:
+            httpx.get(endpoint, timeout=1)
+            break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_s3_prefix_through_an_s3_compatible_server(digits_shards, moto_s3):
+    import fsspec
+
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": moto_s3}, skip_instance_cache=True)
+    fs.mkdir("genbench-test")
+    fs.put(str(digits_shards) + "/", "genbench-test/digits/", recursive=True)
+    dm = ShardDataModule("s3://genbench-test/digits/", num_workers=0)
+    assert _keys(dm, "val") == _keys(ShardDataModule(str(digits_shards), num_workers=0), "val")
+    with pytest.raises(ShardError) as missing:
+        load_manifest("s3://genbench-test/absent/")
+    text = str(missing.value)
+    assert "s3://genbench-test/absent/manifest.json does not exist" in text and moto_s3 in text
+    assert "AWS_ACCESS_KEY_ID" in text and "testing-secret-never-shown" not in text
