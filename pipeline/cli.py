@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("prepare", help=COMMANDS["prepare"], description=COMMANDS["prepare"])
     prep.add_argument("source", nargs="?",
                       help="digits | folder:PATH | torchvision:NAME (CIFAR10, MNIST, FashionMNIST, CelebA)")
-    prep.add_argument("--out", help="output shard directory")
+    prep.add_argument("--out", help="output shard directory, or s3://bucket/prefix/ (uploaded, manifest last)")
     prep.add_argument("--verify", metavar="DIR", help="check the shards of DIR against its manifest instead of writing")
     prep.add_argument("--val-fraction", type=float, default=0.1,
                       help="fraction held out as the val split (default 0.1)")
@@ -250,7 +250,11 @@ def _fail(e: BaseException) -> int:
 
 
 def cmd_prepare(args, extra) -> int:
-    from pipeline.data.shards import verify_shards, write_shards
+    import tempfile
+    from pathlib import Path
+
+    from pipeline.data.remote import is_remote
+    from pipeline.data.shards import upload_shards, verify_shards, write_shards
     from pipeline.data.sources import open_source
 
     if args.verify:
@@ -264,15 +268,27 @@ def cmd_prepare(args, extra) -> int:
         print("genbench: error: prepare needs SOURCE and --out DIR (or --verify DIR)", file=sys.stderr)
         return 2
     source = open_source(args.source, root=args.root, download=args.download, label_attribute=args.label_attribute)
+    if is_remote(args.out):  # written here in full, then uploaded (manifest last)
+        with tempfile.TemporaryDirectory(prefix="genbench-prepare-") as tmp:
+            manifest = write_shards(source, Path(tmp) / "shards", val_fraction=args.val_fraction, seed=args.seed,
+                                    shard_size=args.shard_size, image_size=args.image_size, channels=args.channels,
+                                    png_compression=args.png_compression, resize_mode=args.resize)
+            upload_shards(Path(tmp) / "shards", args.out)
+        _print_splits(manifest, args.out)
+        return 0
     manifest = write_shards(source, args.out, val_fraction=args.val_fraction, seed=args.seed,
                             shard_size=args.shard_size, image_size=args.image_size, channels=args.channels,
                             png_compression=args.png_compression, overwrite=args.overwrite,
                             resize_mode=args.resize)
+    _print_splits(manifest, args.out)
+    return 0
+
+
+def _print_splits(manifest: dict, out: str) -> None:
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['num_samples']} images in {len(info['shards'])} shard(s), "
               f"{info['image_size'][1]}x{info['image_size'][0]}x{info['channels']}")
-    print(f"wrote {args.out}/manifest.json")
-    return 0
+    print(f"wrote {out.rstrip('/')}/manifest.json")
 
 
 def cmd_benchmark(args, extra) -> int:

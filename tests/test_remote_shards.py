@@ -139,3 +139,20 @@ def test_s3_prefix_through_an_s3_compatible_server(digits_shards, moto_s3):
     text = str(missing.value)
     assert "s3://genbench-test/absent/manifest.json does not exist" in text and moto_s3 in text
     assert "AWS_ACCESS_KEY_ID" in text and "testing-secret-never-shown" not in text
+
+
+def test_prepare_writes_straight_to_s3_and_training_reads_it(digits_shards, moto_s3):
+    import fsspec
+    from conftest import genbench
+
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": moto_s3}, skip_instance_cache=True)
+    fs.mkdir("genbench-prep")
+    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                      "AWS_DEFAULT_REGION")}
+    prep = genbench("prepare", "digits", "--out", "s3://genbench-prep/digits/", "--shard-size", "400", env=env)
+    assert prep.returncode == 0, prep.stderr[-2000:]
+    assert "wrote s3://genbench-prep/digits/manifest.json" in prep.stdout
+    uploaded = ShardDataModule("s3://genbench-prep/digits/", num_workers=0)
+    assert manifest_hash(uploaded.manifest) == manifest_hash(load_manifest(digits_shards))  # same data, same id
+    again = genbench("prepare", "digits", "--out", "s3://genbench-prep/digits/", env=env)
+    assert again.returncode == 2 and "already holds a manifest.json" in again.stderr

@@ -299,6 +299,26 @@ def count_tar_samples(path: str | os.PathLike) -> TarSummary:
     return TarSummary(len(keys), shape, reader.digest.hexdigest())
 
 
+def upload_shards(local: Path, url: str) -> None:
+    """Copy a prepared shard directory to ``url`` (``s3://bucket/prefix/``), the manifest last: a reader that
+    finds the manifest finds every shard it names."""
+    prefix = url if url.endswith("/") else url + "/"
+    fs = remote.filesystem(prefix, remote.TIMEOUT)
+    try:
+        if fs.exists(prefix + MANIFEST):
+            raise FileExistsError(f"{remote.public_url(prefix)} already holds a {MANIFEST}; choose another --out")
+        for path in sorted(local.iterdir()):
+            if path.name != MANIFEST:
+                fs.put_file(str(path), prefix + path.name)
+        fs.put_file(str(local / MANIFEST), prefix + MANIFEST)
+    except FileExistsError:
+        raise
+    except Exception as e:
+        raise ShardError(f"uploading to {remote.public_url(prefix)} failed ({type(e).__name__}: {e}; "
+                         f"{remote.endpoint_description(prefix)}); the manifest is written last, so rerun to finish"
+                         ) from None
+
+
 def load_remote_manifest(spec: str, val: Optional[str] = None) -> dict:
     """The manifest of remote shards: ``PREFIX/manifest.json`` for a URL prefix (``https://h/data/``,
     ``s3://bucket/prefix/``), or, for a brace pattern of shard URLs (``https://h/train-{000000..000099}.tar``,
