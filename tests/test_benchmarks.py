@@ -139,3 +139,16 @@ def test_api_benchmark_compares_generate_with_a_plain_loop(tmp_path):
         assert row["ratio_generate_vs_plain"] == pytest.approx(
             row["generate_images_per_s"] / row["plain_loop_images_per_s"], rel=1e-2)
         assert len(row["rounds"]["plain"]) == 3
+
+
+@pytest.mark.slow
+def test_remote_shards_benchmark_compares_http_and_s3_with_local(tmp_path):
+    out = tmp_path / "remote.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "remote_shards.py"), "--small", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["remote_shards"]["workers"]
+    for row in rows.values():
+        assert row["local_mmap"] > 0 and row["http"] > 0 and row["s3"] > 0
+        assert row["http_vs_local"] == pytest.approx(row["http"] / row["local_mmap"], rel=1e-2)

@@ -143,6 +143,7 @@ def test_s3_prefix_through_an_s3_compatible_server(digits_shards, moto_s3):
 
 def test_prepare_writes_straight_to_s3_and_training_reads_it(digits_shards, moto_s3):
     import fsspec
+
     from conftest import genbench
 
     fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": moto_s3}, skip_instance_cache=True)

@@ -150,18 +150,13 @@ class RetryingReader(io.RawIOBase):
 
 def iter_remote_members(url: str, retries: Optional[int] = None,
                         timeout: Optional[float] = None) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of each file in a remote tar, streamed in order."""
-    import tarfile
+    """(name, bytes) of each file in a remote tar, streamed in order (the local reader's header parsing)."""
+    from pipeline.data.tarstream import TarFormatError, iter_stream_members
 
     with io.BufferedReader(RetryingReader(url, retries, timeout), buffer_size=1 << 20) as stream:
         try:
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
-                for member in tar:
-                    if member.isfile():
-                        handle = tar.extractfile(member)
-                        assert handle is not None
-                        yield member.name, handle.read()
-        except tarfile.TarError as e:
+            yield from iter_stream_members(stream)
+        except TarFormatError as e:
             raise RemoteShardError(f"{public_url(url)} is not a readable tar ({e})") from e
 
 
