@@ -24,6 +24,7 @@ from PIL import Image
 from pipeline.data.datamodule import reference_batches
 from pipeline.data.generated import IMAGES, generated_images, is_generated_set, labels_of
 from pipeline.data.prompts import Prompt, PromptSuiteError
+from pipeline.data.remote import public_url
 from pipeline.data.shards import load_manifest, manifest_hash
 from pipeline.data.sources import IMAGE_EXTENSIONS
 
@@ -114,6 +115,10 @@ class ShardImages:
         # id built on it)
         self.fit = {k: v for k, v in (fit or {}).items() if v is not None and FIT_DEFAULTS.get(k) != v}
         info = self.manifest["splits"][split]
+        if info["num_samples"] is None:
+            raise ImageSourceError(f"the {split} shards of {public_url(self.shards)} have no manifest to count them, "
+                                   "and a reference must be counted (its statistics are per image); score against "
+                                   "shards with a manifest: a directory or URL prefix genbench prepare wrote")
         self.num_images = info["num_samples"]
         size = self.fit.get("image_size")
         self.shape = (self.fit.get("channels") or info["channels"], *((size, size) if size else info["image_size"]))
