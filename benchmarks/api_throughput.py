@@ -38,10 +38,10 @@ PROMPTS = REPO / "prompts" / "digits.jsonl"
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
-def train_run(work: Path) -> Path:
-    """A conditional digits VAE, 200 steps: the served model."""
+def train_run(work: Path, steps: int = 200) -> Path:
+    """A conditional digits VAE: the served model (its quality does not change the throughput)."""
     cmd = [sys.executable, "-m", "pipeline.cli", "fit", "--config", str(REPO / "experiments" / "digits" / "vae.yaml"),
-           "--model.init_args.num_classes=10", "--trainer.max_steps=200", f"--run.root={work / 'runs'}",
+           "--model.init_args.num_classes=10", f"--trainer.max_steps={steps}", f"--run.root={work / 'runs'}",
            "--run.id=served", "--tracking.wandb=false", "--trainer.enable_progress_bar=false",
            f"--data.init_args.shards={work / 'shards'}"]
     subprocess.run(cmd, check=True, cwd=REPO, capture_output=True)
@@ -98,21 +98,22 @@ def main() -> None:
     parser.add_argument("--run", help="a trained run to serve (default: train a conditional digits VAE)")
     parser.add_argument("--images", type=int, default=400, help="images per measurement (a multiple of 10)")
     parser.add_argument("--concurrency", default="1,4,16")
-    parser.add_argument("--small", action="store_true", help="40 images per measurement")
+    parser.add_argument("--small", action="store_true", help="40 images per measurement, a 20-step model")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per concurrency (median counts)")
     parser.add_argument("--out", help="results file (default benchmarks/results/api-<device>.json)")
     args = parser.parse_args()
     images = 40 if args.small else args.images
     path = Path(args.out) if args.out else results_path(None).with_name(f"api-{results_path(None).name}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        run = Path(args.run) if args.run else train_run(work)
+        run = Path(args.run) if args.run else train_run(work, 20 if args.small else 200)
         proc, base = start_server(run)
         try:
             plain_loop(base, 20, 4)  # warm-up: first sampling calls, connection set-up
             rows = {}
             for c in (int(v) for v in args.concurrency.split(",")):
                 plain, client = [], []
-                for attempt in range(3):
+                for attempt in range(args.rounds):
                     plain.append(plain_loop(base, images, c))
                     client.append(generate_rate(base, images, c, work / f"gen-{c}-{attempt}"))
                 p, g = statistics.median(plain), statistics.median(client)

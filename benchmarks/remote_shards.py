@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=20000)
     parser.add_argument("--measure", type=int, default=30000, help="images read per measurement")
     parser.add_argument("--small", action="store_true", help="2,000 images, 3,000 per measurement")
+    parser.add_argument("--workers", default="1,2", help="loader workers per measurement (default 1,2)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "remote-shards.json"))
     args = parser.parse_args()
     if args.small:
@@ -82,7 +83,7 @@ def main() -> None:
         moto, s3_url = start_moto(root / "shards")
         try:
             with ShardServer(root / "shards") as server:
-                for workers in (1, 2):
+                for workers in (int(w) for w in args.workers.split(",")):
                     local = rate(loader(str(root / "shards"), workers), args.measure)
                     http = rate(loader(server.url + "/", workers), args.measure)
                     s3 = rate(loader(s3_url, workers), args.measure)

@@ -49,7 +49,10 @@ def served(run_dir: Path, *extra: str, env: dict | None = None, host: str = "127
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=20)
+                code = proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 raise
+            # SIGTERM is a clean stop: requests in flight answered, exit 0, no traceback
+            output = proc.stdout.read()  # type: ignore[union-attr]
+            assert code == 0 and "Traceback" not in output, output[-2000:]

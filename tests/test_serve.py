@@ -1,6 +1,7 @@
 """`genbench serve` as a real process on 127.0.0.1: the OpenAI images API in front of a trained conditional
-digits run; its bounds, its key, batching, a clean SIGTERM; and (slow) the whole loop: serve -> generate ->
-benchmark with conditional accuracy from the prompts -> a leaderboard with the external row beside the run."""
+digits run; its bounds, its key, batching, a clean SIGTERM (every `served` block ends with one and checks
+it); and (slow) the whole loop: serve -> generate -> benchmark with conditional accuracy from the prompts ->
+a leaderboard with the external row beside the run."""
 
 from __future__ import annotations
 
@@ -8,10 +9,8 @@ import base64
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -90,22 +89,6 @@ def test_non_loopback_needs_a_key(conditional_run):
         assert _post(base, {"prompt": SEVEN}).status_code == 401
         assert _post(base, {"prompt": SEVEN}, headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert _post(base, {"prompt": SEVEN}, headers={"Authorization": f"Bearer {key}"}).status_code == 200
-
-
-def test_sigterm_stops_cleanly(conditional_run):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--run", str(conditional_run), "--port",
-                             str(port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=20) == 0
-    assert "Traceback" not in proc.stdout.read()  # type: ignore[union-attr]
 
 
 @pytest.mark.slow
