@@ -15,24 +15,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from benchmarks.common import REPO, merge_results
 from benchmarks.dataloader import make_images, rate
-from pipeline.benchmark.distributed import free_port
 from pipeline.data.datamodule import ShardDataModule
 from pipeline.data.shards import write_shards
 from pipeline.data.sources import FolderSource
 
 sys.path.insert(0, str(REPO / "tests"))
-from shard_server import ShardServer  # noqa: E402  (test scaffolding, not part of the package)
+from shard_server import ShardServer, start_moto  # noqa: E402  (test scaffolding, not part of the package)
 
 
 def loader(shards: str, workers: int):
@@ -40,23 +37,13 @@ def loader(shards: str, workers: int):
     return dm.train_dataloader()
 
 
-def start_moto(shards: Path) -> tuple[subprocess.Popen, str]:
+def s3_copy(shards: Path) -> tuple[subprocess.Popen, str]:
+    """moto's S3 server with a copy of the shards: (process, s3:// URL of the copy)."""
     import fsspec
-    import httpx
 
-    port = free_port()
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
+    proc, endpoint = start_moto()
     os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
                       AWS_DEFAULT_REGION="us-east-1")
-    for _ in range(100):
-        try:
-            httpx.get(endpoint, timeout=1)
-            break
-        except httpx.TransportError:
-            time.sleep(0.1)
     fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
     fs.mkdir("bench")
     fs.put(str(shards) + "/", "bench/shards/", recursive=True)
@@ -80,7 +67,7 @@ def main() -> None:
         make_images(root / "folder", args.images)
         write_shards(FolderSource(root / "folder"), root / "shards", val_fraction=0.0, shard_size=2000,
                      progress=False)
-        moto, s3_url = start_moto(root / "shards")
+        moto, s3_url = s3_copy(root / "shards")
         try:
             with ShardServer(root / "shards") as server:
                 for workers in (int(w) for w in args.workers.split(",")):

@@ -4,10 +4,33 @@ a connection cut mid-body, 503 answers, a stall."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from pipeline.benchmark.distributed import free_port
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    """moto's S3 server (the S3 wire protocol) on a free 127.0.0.1 port, answering: (process, endpoint URL)."""
+    import httpx
+
+    port = free_port()
+    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            httpx.get(endpoint, timeout=1)
+            break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    return proc, endpoint
 
 
 class ShardServer:

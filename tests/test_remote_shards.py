@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from shard_server import ShardServer
+from shard_server import ShardServer, start_moto
 from test_foreign_images import _bands, _encode, _write_tar
 
 from conftest import REPO
@@ -102,25 +100,11 @@ def test_two_ranks_stream_disjoint_samples_over_http(tmp_path, served_digits):
 @pytest.fixture
 def moto_s3(tmp_path, monkeypatch):
     """moto's S3 server on 127.0.0.1 (the S3 wire protocol), with test credentials in the environment."""
-    from serving import free_port
-
-    port = free_port()
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
+    proc, endpoint = start_moto()
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key-id")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-never-shown")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    import httpx
-
-    for _ in range(100):
-        try:
-            httpx.get(endpoint, timeout=1)
-            break
-        except httpx.TransportError:
-            time.sleep(0.1)
     yield endpoint
     proc.terminate()
     proc.wait(timeout=10)

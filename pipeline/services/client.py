@@ -33,9 +33,9 @@ from pipeline.data.generated import GENERATION_FILE, IMAGES, META, MetaLog, imag
 from pipeline.data.prompts import Prompt, PromptSuite, load_prompts
 from pipeline.data.remote import public_url
 from pipeline.io import atomic_write_bytes, atomic_write_json
+from pipeline.services import LOOPBACK
 
 REFUSAL_CODES = ("content_policy_violation", "moderation_blocked")  # DALL-E's and gpt-image's
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 class GenerateError(RuntimeError):

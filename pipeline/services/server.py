@@ -31,9 +31,9 @@ from aiohttp import web
 
 from pipeline.data.imageops import png_bytes
 from pipeline.data.prompts import MAX_PROMPT_CHARS
+from pipeline.services import LOOPBACK
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 class ServeError(RuntimeError):
