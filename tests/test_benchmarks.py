@@ -27,6 +27,20 @@ def test_dataloader_benchmark_writes_its_comparison(tmp_path):
 
 
 @pytest.mark.slow
+def test_jpeg_dataloader_benchmark_fits_to_both_sizes(tmp_path):
+    out = tmp_path / "jpeg.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "dataloader.py"), "--jpeg", "--small",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert sorted(result["fitted_to"]) == ["256", "64"]
+    for rows in result["fitted_to"].values():
+        for row in rows.values():
+            assert row["ratio_vs_imagefolder"] == pytest.approx(row["shard_data_module"] / row["imagefolder"], rel=0.01)
+
+
+@pytest.mark.slow
 def test_metrics_benchmark_compares_with_torch_fidelity_in_the_same_run(tmp_path):
     out = tmp_path / "metrics.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "metrics.py"), "--small", "--out", str(out)],

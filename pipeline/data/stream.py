@@ -16,9 +16,9 @@ from typing import Any, Iterator, Optional
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.io import ImageReadMode
 
-from pipeline.data.imageops import RESIZE_MODES, decode_png, fit_to_size
+from pipeline.data.imageops import RESIZE_MODES, decode_any, decode_png, fit_to_size
 from pipeline.data.remote import RemoteShardError, is_remote, iter_remote_members, public_url
 from pipeline.data.shards import ShardError
 from pipeline.data.tarstream import TarFormatError, group_samples, iter_samples
@@ -169,7 +169,7 @@ class ShardStream(IterableDataset):
             data = next((sample[k] for k in ("jpg", "jpeg", "webp") if k in sample), None)
             if data is None:
                 raise ValueError(f"no image entry (has {sorted(k for k in sample if not k.startswith('__'))})")
-            image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+            image = decode_any(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode.value, False)
         # other tools' corpora hold every size: fitted here, on the loader workers
         return fit_to_size(image, self.image_size, self.resize, self._crop_rng)
 
