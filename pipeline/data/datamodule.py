@@ -29,7 +29,8 @@ from pytorch_lightning import LightningDataModule
 from pipeline.data.imageops import RESIZE_MODES
 from pipeline.data.loaders import EpochDataLoader, ignore_job_signals, loader_context
 from pipeline.data.remote import public_url
-from pipeline.data.shards import ShardError, load_manifest, manifest_hash, shard_paths
+from pipeline.data.shard_cache import ShardCache
+from pipeline.data.shards import ShardError, load_manifest, manifest_hash, parse_bytes, shard_paths
 from pipeline.data.stream import NO_LABEL, ShardStream, guaranteed_pass_samples, parse_label_key
 
 __all__ = ["NO_LABEL", "ShardDataModule", "reference_batches"]
@@ -61,14 +62,20 @@ class ShardDataModule(LightningDataModule):
             the central one for validation) or ``stretch`` (both sides, proportions change).
         label_key: where a sample's class is: ``cls`` (default), ``json:ATTRIBUTE``, or ``txt`` (matched against
             the manifest's class names).
+        cache_dir: a local directory that keeps remote shards as they stream, so later epochs read them from
+            disk (``pipeline.data.shard_cache``); one per node is enough, its workers and ranks share it.
+        cache_size: the most the cache directory holds (``50GB``, ``500MiB`` or bytes); the least recently used
+            shards make room.
     """
 
     def __init__(self, shards: str, batch_size: int = 128, num_workers: int = 2, shuffle_buffer: int = 2000,
                  hflip: bool = False, seed: int = 0, samples_per_epoch: Optional[int] = None,
                  val_batch_size: Optional[int] = None, pin_memory: bool = True, image_size: Optional[int] = None,
                  channels: Optional[int] = None, resize: str = "center-crop", label_key: str = "cls",
-                 val_shards: Optional[str] = None) -> None:
+                 val_shards: Optional[str] = None, cache_dir: Optional[str] = None,
+                 cache_size: str | int = "50GB") -> None:
         super().__init__()
+        self.cache = ShardCache(cache_dir, parse_bytes(cache_size, "data.cache_size")) if cache_dir else None
         if resize not in RESIZE_MODES:
             raise ValueError(f"data.resize={resize!r}: use one of {', '.join(RESIZE_MODES)}")
         if channels not in (None, 1, 3):
@@ -147,12 +154,14 @@ class ShardDataModule(LightningDataModule):
                 batches = max(1, per_worker * workers)
         paths = shard_paths(self.shards, self.manifest, split)
         counts = {p: s["num_samples"] for p, s in zip(paths, info["shards"]) if s["num_samples"] is not None}
+        identities = dict(zip(paths, info["shards"])) if self.cache is not None else None
         channels, height, width = self.image_shape
         return ShardStream(paths, batch_size, channels, (height, width), rank=rank,
                            world_size=world_size, seed=self.seed, train=train, batches_per_rank=batches,
                            shuffle_buffer=self.shuffle_buffer, hflip=self.hflip and train, expected_counts=counts,
                            resize=self.resize, label_key=self.label_key,
-                           class_names=list(self.manifest.get("class_names") or []))
+                           class_names=list(self.manifest.get("class_names") or []), cache=self.cache,
+                           identities=identities)
 
     def _loader(self, stream: ShardStream, epoch_fn=None) -> EpochDataLoader:
         workers = {"multiprocessing_context": loader_context(), "worker_init_fn": ignore_job_signals} \

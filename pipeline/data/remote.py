@@ -1,12 +1,13 @@
-"""Shards from anywhere: ``http(s)://`` and ``s3://`` URLs read through fsspec (s3fs for S3), with the
-retries a stream to many nodes needs.
+"""Shards from anywhere: ``http(s)://`` and ``s3://`` URLs read through fsspec (s3fs for S3), and ``pipe:CMD``
+shards (a shell command's standard output, the WebDataset way), with the retries a stream to many nodes needs.
 
 fsspec reads a remote file in blocks, one range request each (``READ_BLOCK``), and S3-compatible stores are
 reached through ``AWS_ENDPOINT_URL`` and the usual credential chain. What fsspec does not do is retry: one
 dropped connection or 503 in the middle of a 1 GB shard would end a 64-GPU run. ``RetryingReader`` re-opens
 the file at the byte it had reached, with exponential backoff and jitter, up to ``retries`` times, then fails
 naming the URL. A read that stalls past ``timeout`` seconds is such a failure, never a hang. 401/403/404 are not
-retried: the message names the URL, the endpoint and where credentials come from, never a secret.
+retried: the message names the URL, the endpoint and where credentials come from, never a secret. A ``pipe:``
+command that fails (exits non-zero) or stalls is restarted the same way, skipping the bytes already read.
 """
 
 from __future__ import annotations
@@ -14,11 +15,16 @@ from __future__ import annotations
 import io
 import os
 import random
+import re
+import select
+import shlex
+import subprocess
+import tempfile
 import time
 from typing import Any, Iterator, Optional
 from urllib.parse import urlsplit, urlunsplit
 
-REMOTE = ("http://", "https://", "s3://")
+REMOTE = ("http://", "https://", "s3://", "pipe:")
 READ_BLOCK = 4 << 20  # bytes per range request: big enough to stream, small enough to retry cheaply
 # seconds without data before a read counts as failed, and retries per read; the environment sets them for a
 # whole job (loader workers included)
@@ -34,16 +40,44 @@ def is_remote(spec: str) -> bool:
     return str(spec).startswith(REMOTE)
 
 
+# command-line options whose value is a credential (curl, wget, aws): shown as *** in messages and records
+_SECRET_OPTIONS = re.compile(r"^(-H|--header|-u|--user|--password|--http-password|--aws-sigv4|--oauth2-bearer)$")
+
+
 def public_url(url: str) -> str:
-    """The URL without user:password and query string (where presigned URLs and some gateways carry keys)."""
+    """The URL without user:password and query string (where presigned URLs and some gateways carry keys); for
+    a ``pipe:`` command, the command with each URL in it so treated and credential options' values hidden."""
+    if url.startswith("pipe:"):
+        return "pipe:" + _public_command(url[len("pipe:"):])
     parts = urlsplit(url)
     host = parts.hostname or ""
     netloc = f"{host}:{parts.port}" if parts.port else host
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
+def _public_command(command: str) -> str:
+    try:
+        words = shlex.split(command)
+    except ValueError:  # unbalanced quotes: show only the program
+        return command.split()[0] + " ..." if command.split() else ""
+    shown, hide_next = [], False
+    for word in words:
+        if hide_next:
+            shown.append("***")
+        elif "://" in word:
+            shown.append(public_url(word))
+        elif "=" in word and _SECRET_OPTIONS.match(word.split("=", 1)[0]):
+            shown.append(word.split("=", 1)[0] + "=***")
+        else:
+            shown.append(word)
+        hide_next = bool(_SECRET_OPTIONS.match(word))
+    return " ".join(shown)
+
+
 def endpoint_description(url: str) -> str:
     """Where a request went and with which credentials source, for error messages (no secret)."""
+    if url.startswith("pipe:"):
+        return "a shell command"
     if url.startswith("s3://"):
         endpoint = os.environ.get("AWS_ENDPOINT_URL") or "AWS S3 (no AWS_ENDPOINT_URL set)"
         source = "AWS_ACCESS_KEY_ID" if os.environ.get("AWS_ACCESS_KEY_ID") else \
@@ -108,7 +142,10 @@ class RetryingReader(io.RawIOBase):
 
     def _reopen(self) -> None:
         self.close_file()
-        self.file = filesystem(self.url, self.timeout).open(self.url, "rb")
+        if self.url.startswith("pipe:"):
+            self.file = PipeFile(self.url[len("pipe:"):], self.timeout)
+        else:
+            self.file = filesystem(self.url, self.timeout).open(self.url, "rb")
         if self.position:
             self.file.seek(self.position)
 
@@ -148,16 +185,86 @@ class RetryingReader(io.RawIOBase):
         super().close()
 
 
-def iter_remote_members(url: str, retries: Optional[int] = None,
-                        timeout: Optional[float] = None) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of each file in a remote tar, streamed in order (the local reader's header parsing)."""
+class PipeFile:
+    """A shell command's standard output as a file: reads time out, a failed exit is an error, and ``seek``
+    (after a restart) skips forward by reading."""
+
+    def __init__(self, command: str, timeout: float) -> None:
+        self.command, self.timeout = command, timeout
+        self.stderr = tempfile.TemporaryFile()  # a file, not a pipe: a chatty command cannot block on it
+        self.process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=self.stderr,
+                                        start_new_session=True)  # its own group: a kill reaches its children
+        self.fd = self.process.stdout.fileno()  # type: ignore[union-attr]
+
+    def read(self, n: int) -> bytes:
+        ready, _, _ = select.select([self.fd], [], [], self.timeout)
+        if not ready:
+            raise TimeoutError(f"no output for {self.timeout:g} s")
+        data = os.read(self.fd, n)
+        if not data:
+            code = self.process.wait(timeout=self.timeout)
+            if code != 0:
+                self.stderr.seek(0)
+                said = self.stderr.read().decode("utf-8", "replace").strip().splitlines()
+                raise ChildProcessError(f"exited with status {code}" + (f": {said[-1][:300]}" if said else ""))
+        return data
+
+    def seek(self, position: int) -> None:
+        while position > 0:
+            data = self.read(min(position, 1 << 20))
+            if not data:
+                raise EOFError("the command's output is shorter than before")
+            position -= len(data)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, 9)
+            except ProcessLookupError:
+                pass
+        self.process.stdout.close()  # type: ignore[union-attr]
+        self.process.wait()
+        self.stderr.close()
+
+
+class TeeReader(io.RawIOBase):
+    """Passes a stream's bytes on and copies them into ``sink`` (the shard cache's partial file)."""
+
+    def __init__(self, source: io.RawIOBase, sink: Any) -> None:
+        super().__init__()
+        self.source, self.sink = source, sink
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self.source.readinto(buffer)
+        if n:
+            self.sink.write(memoryview(buffer)[:n])
+        return n or 0
+
+    def close(self) -> None:
+        self.source.close()
+        super().close()
+
+
+def iter_remote_members(url: str, retries: Optional[int] = None, timeout: Optional[float] = None,
+                        copy_to: Any = None) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each file in a remote tar, streamed in order (the local reader's header parsing).
+    ``copy_to``: a binary file that receives the whole shard as it streams, to its last byte."""
     from pipeline.data.tarstream import TarFormatError, iter_stream_members
 
-    with io.BufferedReader(RetryingReader(url, retries, timeout), buffer_size=1 << 20) as stream:
+    raw: io.RawIOBase = RetryingReader(url, retries, timeout)
+    if copy_to is not None:
+        raw = TeeReader(raw, copy_to)
+    with io.BufferedReader(raw, buffer_size=1 << 20) as stream:
         try:
             yield from iter_stream_members(stream)
         except TarFormatError as e:
             raise RemoteShardError(f"{public_url(url)} is not a readable tar ({e})") from e
+        if copy_to is not None:
+            while stream.read(1 << 20):  # the end-of-archive padding, which the parser stops before
+                pass
 
 
 def read_bytes(url: str, retries: Optional[int] = None, timeout: Optional[float] = None) -> bytes:
@@ -175,7 +282,9 @@ def expand(pattern: str) -> list[str]:
 
 def describe(url: str, timeout: Optional[float] = None) -> dict[str, Any]:
     """What identifies a remote shard's version without reading it: size, ETag, Last-Modified, as the server
-    gives them."""
+    gives them (a ``pipe:`` command gives nothing but itself)."""
+    if url.startswith("pipe:"):
+        return {"url": public_url(url)}
     try:
         info = filesystem(url, TIMEOUT if timeout is None else timeout).info(url)
     except Exception as e:

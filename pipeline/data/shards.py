@@ -46,21 +46,32 @@ class ShardError(RuntimeError):
     """A shard that is missing, unreadable or does not match its manifest."""
 
 
+def parse_bytes(text: str | int, what: str) -> int:
+    """``"64MB"``/``"1GiB"``/``"500kB"``/``4096`` -> bytes; ``what`` names the setting in the error."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?[bB]|[bB])\s*", str(text))
+    if not m:
+        raise ValueError(f"{what} {text!r} is not a size in bytes (64MB, 1GiB, 500kB, or a number of bytes)")
+    number, unit = float(m.group(1)), m.group(2)
+    powers = {"b": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+    base = 1024 if "i" in unit.lower() else 1000
+    return int(number * base ** powers[unit[0].lower()])
+
+
 def parse_shard_size(text: str | int) -> tuple[int, int]:
     """``"5000"`` -> at most 5000 samples; ``"64MB"``/``"1GiB"`` -> at most that many bytes. Returns (count, bytes)."""
     if isinstance(text, int):
         return text, 1 << 62
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?[bB]|[bB])?\s*", str(text))
-    if not m:
-        raise ValueError(f"--shard-size {text!r} is neither a sample count (5000) nor a size (64MB, 1GiB)")
-    number, unit = float(m.group(1)), m.group(2)
-    if unit is None:
+    if re.fullmatch(r"\s*\d+(?:\.\d+)?\s*", str(text)):
+        number = float(text)
         if number < 1 or number != int(number):
             raise ValueError(f"--shard-size {text!r}: a sample count must be a positive integer")
         return int(number), 1 << 62
-    powers = {"b": 0, "k": 1, "m": 2, "g": 3, "t": 4}
-    base = 1024 if "i" in unit.lower() else 1000
-    size = int(number * base ** powers[unit[0].lower()])
+    try:
+        size = parse_bytes(text, "--shard-size")
+    except ValueError:
+        raise ValueError(f"--shard-size {text!r} is neither a sample count (5000) nor a size (64MB, 1GiB)") from None
     if size < 1024:
         raise ValueError(f"--shard-size {text!r} is smaller than one tar block; use at least 1kB")
     return 1 << 62, size
@@ -325,7 +336,7 @@ def load_remote_manifest(spec: str, val: Optional[str] = None) -> dict:
     with ``val`` the val split's), one built here: each shard's URL with its size/ETag/Last-Modified as the
     server gives them (the data's identity), the first image's shape, and no sample counts (the data module then
     needs ``samples_per_epoch``)."""
-    if not (spec.endswith(".tar") or "{" in spec):
+    if not (spec.endswith(".tar") or "{" in spec or spec.startswith("pipe:")):
         prefix = spec if spec.endswith("/") else spec + "/"
         try:
             manifest = json.loads(remote.read_bytes(prefix + MANIFEST))

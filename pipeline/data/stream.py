@@ -20,6 +20,7 @@ from torchvision.io import ImageReadMode
 
 from pipeline.data.imageops import RESIZE_MODES, decode_any, decode_png, fit_to_size
 from pipeline.data.remote import RemoteShardError, is_remote, iter_remote_members, public_url
+from pipeline.data.shard_cache import ShardCache
 from pipeline.data.shards import ShardError
 from pipeline.data.tarstream import TarFormatError, group_samples, iter_samples
 from pipeline.seeds import stable_seed
@@ -50,7 +51,8 @@ class ShardStream(IterableDataset):
                  rank: int = 0, world_size: int = 1, seed: int = 0, train: bool = True,
                  batches_per_rank: Optional[int] = None, shuffle_buffer: int = 2000, hflip: bool = False,
                  expected_counts: Optional[dict[str, int]] = None, resize: str = "center-crop",
-                 label_key: str = "cls", class_names: Optional[list[str]] = None) -> None:
+                 label_key: str = "cls", class_names: Optional[list[str]] = None,
+                 cache: Optional[ShardCache] = None, identities: Optional[dict[str, dict]] = None) -> None:
         super().__init__()
         if not paths:
             raise ShardError("no shards to read")
@@ -71,6 +73,8 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.hflip = hflip
         self.expected_counts = expected_counts or {}  # samples per shard path, from the manifest
+        self.cache = cache  # remote shards kept on local disk for later epochs
+        self.identities = identities or {}  # per shard path: its manifest entry (sha256, or ETag/size)
         self.epoch = 0  # set by EpochDataLoader before each epoch's workers start
         self.skipped: Counter = Counter()  # corrupt samples per shard, in this process
 
@@ -101,8 +105,7 @@ class ShardStream(IterableDataset):
         for path in mine:
             i = offsets[path]
             n = 0
-            samples = group_samples(iter_remote_members(path), public_url(path), self.entries) \
-                if is_remote(path) else iter_samples(path, self.entries)
+            samples = self._samples(path)
             try:
                 for sample in samples:
                     if stride == 1 or i % stride == consumer:
@@ -119,6 +122,13 @@ class ShardStream(IterableDataset):
                 # tarfile reads a truncated archive as a shorter one, without an error
                 raise ShardError(f"shard {path} ended after {n} of its {expected} samples: truncated or replaced; "
                                  "check it with genbench prepare --verify, or recreate it with genbench prepare")
+
+    def _samples(self, path: str) -> Iterator[dict]:
+        if not is_remote(path):
+            return iter_samples(path, self.entries)
+        members = self.cache.members(path, self.identities.get(path)) if self.cache is not None \
+            else iter_remote_members(path)
+        return group_samples(members, public_url(path), self.entries)
 
     def _raw(self, consumer: int, consumers: int) -> Iterator[dict]:
         if not self.train:
