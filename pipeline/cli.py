@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("source", nargs="?",
                       help="digits | folder:PATH | torchvision:NAME (CIFAR10, MNIST, FashionMNIST, CelebA)")
     prep.add_argument("--out", help="output shard directory, or s3://bucket/prefix/ (uploaded, manifest last)")
+    prep.add_argument("--from", dest="from_shards", metavar="PATTERN",
+                      help="instead of SOURCE: re-shard another tool's WebDataset corpus, streamed once: a brace "
+                           "pattern of shard URLs or paths (https://host/train-{000000..000099}.tar, s3://..., "
+                           "pipe:CMD) or a directory of .tar shards")
+    prep.add_argument("--label-key", default="cls",
+                      help="with --from: where the class is: cls (default), json:ATTRIBUTE or txt")
     prep.add_argument("--verify", metavar="DIR", help="check the shards of DIR against its manifest instead of writing")
     prep.add_argument("--val-fraction", type=float, default=0.1,
                       help="fraction held out as the val split (default 0.1)")
@@ -264,22 +270,30 @@ def cmd_prepare(args, extra) -> int:
         verdict = f"{len(problems)} problem(s)" if problems else "OK, every shard matches the manifest"
         print(f"{args.verify}: {verdict}")
         return 1 if problems else 0
-    if not args.source or not args.out:
-        print("genbench: error: prepare needs SOURCE and --out DIR (or --verify DIR)", file=sys.stderr)
+    if not (args.source or args.from_shards) or not args.out or (args.source and args.from_shards):
+        print("genbench: error: prepare needs SOURCE or --from PATTERN (one of them), and --out DIR "
+              "(or --verify DIR)", file=sys.stderr)
         return 2
-    source = open_source(args.source, root=args.root, download=args.download, label_attribute=args.label_attribute)
+    options = {"val_fraction": args.val_fraction, "seed": args.seed, "shard_size": args.shard_size,
+               "image_size": args.image_size, "channels": args.channels, "png_compression": args.png_compression,
+               "resize_mode": args.resize}
+    if args.from_shards:
+        from pipeline.data.reshard import reshard
+
+        def write(out: str, overwrite: bool) -> dict:
+            return reshard(args.from_shards, out, overwrite=overwrite, label_key=args.label_key, **options)
+    else:
+        source = open_source(args.source, root=args.root, download=args.download,
+                             label_attribute=args.label_attribute)
+
+        def write(out: str, overwrite: bool) -> dict:
+            return write_shards(source, out, overwrite=overwrite, **options)
     if is_remote(args.out):  # written here in full, then uploaded (manifest last)
         with tempfile.TemporaryDirectory(prefix="genbench-prepare-") as tmp:
-            manifest = write_shards(source, Path(tmp) / "shards", val_fraction=args.val_fraction, seed=args.seed,
-                                    shard_size=args.shard_size, image_size=args.image_size, channels=args.channels,
-                                    png_compression=args.png_compression, resize_mode=args.resize)
+            manifest = write(str(Path(tmp) / "shards"), False)
             upload_shards(Path(tmp) / "shards", args.out)
-        _print_splits(manifest, args.out)
-        return 0
-    manifest = write_shards(source, args.out, val_fraction=args.val_fraction, seed=args.seed,
-                            shard_size=args.shard_size, image_size=args.image_size, channels=args.channels,
-                            png_compression=args.png_compression, overwrite=args.overwrite,
-                            resize_mode=args.resize)
+    else:
+        manifest = write(args.out, args.overwrite)
     _print_splits(manifest, args.out)
     return 0
 
@@ -288,6 +302,10 @@ def _print_splits(manifest: dict, out: str) -> None:
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['num_samples']} images in {len(info['shards'])} shard(s), "
               f"{info['image_size'][1]}x{info['image_size'][0]}x{info['channels']}")
+    skipped = manifest.get("skipped_samples") or {}
+    if skipped:
+        print(f"skipped {sum(skipped.values())} sample(s) that do not decode, in {len(skipped)} shard(s) "
+              f"(first: {next(iter(skipped))}); they are listed in the manifest")
     print(f"wrote {out.rstrip('/')}/manifest.json")
 
 

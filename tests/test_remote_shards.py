@@ -141,3 +141,26 @@ def test_prepare_writes_straight_to_s3_and_training_reads_it(digits_shards, moto
     assert manifest_hash(uploaded.manifest) == manifest_hash(load_manifest(digits_shards))  # same data, same id
     again = genbench("prepare", "digits", "--out", "s3://genbench-prep/digits/", env=env)
     assert again.returncode == 2 and "already holds a manifest.json" in again.stderr
+
+
+def test_prepare_from_s3_tars_to_s3(moto_s3, tmp_path):
+    import fsspec
+
+    from conftest import genbench
+
+    for s in range(2):
+        _write_tar(tmp_path / f"train-{s:04d}.tar", [{"jpg": _encode(_bands(30 + i, 24), "JPEG"),
+                                                       "cls": str(i % 3).encode()} for i in range(10)])
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": moto_s3}, skip_instance_cache=True)
+    fs.mkdir("genbench-foreign")
+    for s in range(2):
+        fs.put_file(str(tmp_path / f"train-{s:04d}.tar"), f"genbench-foreign/wds/train-{s:04d}.tar")
+    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                      "AWS_DEFAULT_REGION")}
+    prep = genbench("prepare", "--from", "s3://genbench-foreign/wds/train-{0000..0001}.tar", "--out",
+                    "s3://genbench-foreign/prepared/", "--image-size", "16", "--val-fraction", "0.2", env=env)
+    assert prep.returncode == 0, prep.stderr[-2000:]
+    dm = ShardDataModule("s3://genbench-foreign/prepared/", num_workers=0)
+    assert dm.manifest["class_names"] == ["0", "1", "2"] and dm.image_shape == (3, 16, 16)
+    assert sum(info["num_samples"] for info in dm.manifest["splits"].values()) == 20
+    assert len(_keys(dm, "val")) == dm.manifest["splits"]["val"]["num_samples"]

@@ -22,7 +22,7 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from PIL import Image
 from pipeline.console import track
 from pipeline.data import remote
 from pipeline.data.imageops import fit_to_size
-from pipeline.data.sources import Source
+from pipeline.data.sources import Sample, Source
 from pipeline.io import atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -134,19 +134,7 @@ def write_shards(source: Source, out: str | os.PathLike, val_fraction: float = 0
     square of that size (``resize_mode``: ``center-crop``, the default, or ``stretch``), ``channels`` converts
     every image to grayscale (1) or RGB (3).
     """
-    out = Path(out)
-    if resize_mode not in PREPARE_RESIZE:
-        raise ValueError(f"--resize {resize_mode!r}: use one of {', '.join(PREPARE_RESIZE)}")
-    if channels not in (None, 1, 3):
-        raise ValueError(f"--channels {channels}: use 1 (grayscale) or 3 (RGB)")
-    if not 0 <= png_compression <= 9:
-        raise ValueError(f"--png-compression {png_compression} must be a zlib level from 0 (fastest to read) to 9")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
-    max_count, max_bytes = parse_shard_size(shard_size)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    check_prepare_options(out, overwrite, png_compression, channels, resize_mode)
     manifest: dict = {
         "format": MANIFEST_FORMAT,
         "source": source.name,
@@ -159,14 +147,43 @@ def write_shards(source: Source, out: str | os.PathLike, val_fraction: float = 0
         "attribute_names": list(source.attribute_names),
         "splits": {},
     }
-    try:
+
+    def fill(directory: Path) -> None:
         for split, indices in split_indices(len(source), val_fraction, seed).items():
             if len(indices) == 0:
                 continue
-            manifest["splits"][split] = _write_split(source, indices, tmp, split, max_count, max_bytes,
-                                                     image_size, png_compression, progress, channels, resize_mode)
+            writer = SplitWriter(directory, split, shard_size, image_size, png_compression, channels, resize_mode)
+            for index in track(indices, f"prepare {split}", "img", enabled=progress):
+                sample = source[int(index)]
+                writer.add(int(index), sample, _sample_name(source, int(index), sample.attributes))
+            manifest["splits"][split] = writer.finish()
+
+    return write_dataset(out, manifest, fill, overwrite)
+
+
+def check_prepare_options(out: str | os.PathLike, overwrite: bool, png_compression: int, channels: Optional[int],
+                          resize_mode: str) -> None:
+    if resize_mode not in PREPARE_RESIZE:
+        raise ValueError(f"--resize {resize_mode!r}: use one of {', '.join(PREPARE_RESIZE)}")
+    if channels not in (None, 1, 3):
+        raise ValueError(f"--channels {channels}: use 1 (grayscale) or 3 (RGB)")
+    if not 0 <= png_compression <= 9:
+        raise ValueError(f"--png-compression {png_compression} must be a zlib level from 0 (fastest to read) to 9")
+    if Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+
+
+def write_dataset(out: str | os.PathLike, manifest: dict, fill: Callable[[Path], None], overwrite: bool) -> dict:
+    """Run ``fill(directory)`` (which writes the shards and completes ``manifest['splits']``) into a temporary
+    sibling of ``out``, write the manifest, and rename it to ``out``: an interrupted prepare leaves nothing."""
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
         atomic_write_json(tmp / MANIFEST, manifest)
-        if out.exists():
+        if out.exists() and overwrite:
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
@@ -181,69 +198,83 @@ def _sample_name(source: Source, index: int, attributes: dict) -> str:
     return f"sample {index} of {source.name}"
 
 
-def _write_split(source: Source, indices: np.ndarray, directory: Path, split: str, max_count: int,
-                 max_bytes: int, image_size: Optional[int], png_compression: int, progress: bool,
-                 channels: Optional[int] = None, resize_mode: str = "center-crop") -> dict:
-    counts: Counter = Counter()
-    reshaped: list[str] = []  # non-square images that the square resize stretched
-    labels: Counter = Counter()
-    shape: Optional[tuple[int, ...]] = None
-    writer, name = None, None
-    try:
-        for index in track(indices, f"prepare {split}", "img", enabled=progress):
-            sample = source[int(index)]
-            image = to_channels(sample.image, channels) if channels else sample.image
-            if image_size and resize_mode == "center-crop":
-                image = center_crop(image, image_size)
-            elif image_size:
-                if image.shape[0] != image.shape[1]:
-                    reshaped.append(f"{_sample_name(source, index, sample.attributes)} "
-                                    f"({image.shape[1]}x{image.shape[0]})")
-                image = resize(image, image_size)
-            if shape is None:
-                shape, first = image.shape, _sample_name(source, index, sample.attributes)
-            elif image.shape != shape:
-                what = _sample_name(source, index, sample.attributes)
-                if image.shape[:2] != shape[:2]:
-                    raise ValueError(f"{what} is {image.shape[1]}x{image.shape[0]} but {first} is "
-                                     f"{shape[1]}x{shape[0]}; pass --image-size S to resize every image to SxS")
-                raise ValueError(f"{what} has {image.shape[2]} channel(s) but {first} has {shape[2]}; pass "
-                                 "--channels 1 (grayscale) or --channels 3 (RGB) to convert every image")
-            record = {"__key__": f"{int(index):06d}", "png": encode_png(image, png_compression),
-                      "json": json.dumps(sample.attributes, sort_keys=True).encode()}
-            if sample.label is not None:
-                record["cls"] = str(sample.label).encode()
-                labels[sample.label] += 1
-            # Rotate on the archive's real size (headers and padding included), which ShardWriter's
-            # payload-only byte count does not see.
-            if writer is None or counts[name] >= max_count or \
-                    writer.tarstream.offset + _tar_bytes(record) > max_bytes and counts[name] > 0:
-                if writer is not None:
-                    writer.close()
-                name = f"{split}-{len(counts):06d}.tar"
-                # fixed int mtime: same data, same sha256 (a float adds PAX headers)
-                writer = wds.TarWriter(str(directory / name), mtime=0)
-            writer.write(record)
-            counts[name] += 1
-    finally:
-        if writer is not None:
-            writer.close()
-    if reshaped:
-        log.warning("%s: resizing to %dx%d changed the aspect ratio of %d of %d images (first: %s); crop them to "
-                    "squares before genbench prepare, or use --resize center-crop, to keep their proportions", split,
-                    image_size, image_size,
-                    len(reshaped), len(indices), reshaped[0])
-    shards = [{"file": name, "num_samples": counts[name], "sha256": sha256_file(directory / name),
-               "bytes": (directory / name).stat().st_size} for name in sorted(counts)]
-    n_classes = max(labels) + 1 if labels else 0
-    assert shape is not None, f"the {split} split is empty"
-    return {
-        "num_samples": int(sum(counts.values())),
-        "image_size": [int(shape[0]), int(shape[1])],
-        "channels": int(shape[2]),
-        "label_histogram": [labels.get(c, 0) for c in range(n_classes)],
-        "shards": shards,
-    }
+class SplitWriter:
+    """Writes one split's samples, in the order given, as shards of at most ``shard_size`` samples or bytes, each
+    image fitted (``image_size``, ``resize_mode``) and converted (``channels``); ``finish`` gives the split's
+    manifest entry."""
+
+    def __init__(self, directory: Path, split: str, shard_size: str | int, image_size: Optional[int],
+                 png_compression: int, channels: Optional[int] = None, resize_mode: str = "center-crop") -> None:
+        self.directory, self.split = directory, split
+        self.max_count, self.max_bytes = parse_shard_size(shard_size)
+        self.image_size, self.png_compression = image_size, png_compression
+        self.channels, self.resize_mode = channels, resize_mode
+        self.counts: Counter = Counter()
+        self.reshaped: list[str] = []  # non-square images that the square resize stretched
+        self.labels: Counter = Counter()
+        self.shape: Optional[tuple[int, ...]] = None
+        self.first = ""
+        self.writer: Optional[wds.TarWriter] = None
+        self.name = ""
+
+    def add(self, index: int, sample: Sample, what: str) -> None:
+        """Add ``sample`` under the key ``index`` (``what`` names it in messages)."""
+        image = to_channels(sample.image, self.channels) if self.channels else sample.image
+        if self.image_size and self.resize_mode == "center-crop":
+            image = center_crop(image, self.image_size)
+        elif self.image_size:
+            if image.shape[0] != image.shape[1]:
+                self.reshaped.append(f"{what} ({image.shape[1]}x{image.shape[0]})")
+            image = resize(image, self.image_size)
+        if self.shape is None:
+            self.shape, self.first = image.shape, what
+        elif image.shape != self.shape:
+            shape = self.shape
+            if image.shape[:2] != shape[:2]:
+                raise ValueError(f"{what} is {image.shape[1]}x{image.shape[0]} but {self.first} is "
+                                 f"{shape[1]}x{shape[0]}; pass --image-size S to resize every image to SxS")
+            raise ValueError(f"{what} has {image.shape[2]} channel(s) but {self.first} has {shape[2]}; pass "
+                             "--channels 1 (grayscale) or --channels 3 (RGB) to convert every image")
+        record = {"__key__": f"{index:06d}", "png": encode_png(image, self.png_compression),
+                  "json": json.dumps(sample.attributes, sort_keys=True).encode()}
+        if sample.label is not None:
+            record["cls"] = str(sample.label).encode()
+            self.labels[sample.label] += 1
+        # Rotate on the archive's real size (headers and padding included), which ShardWriter's
+        # payload-only byte count does not see.
+        if self.writer is None or self.counts[self.name] >= self.max_count or \
+                self.writer.tarstream.offset + _tar_bytes(record) > self.max_bytes and self.counts[self.name] > 0:
+            self.close()
+            self.name = f"{self.split}-{len(self.counts):06d}.tar"
+            # fixed int mtime: same data, same sha256 (a float adds PAX headers)
+            self.writer = wds.TarWriter(str(self.directory / self.name), mtime=0)
+        self.writer.write(record)
+        self.counts[self.name] += 1
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def finish(self) -> dict:
+        self.close()
+        if self.reshaped:
+            log.warning("%s: resizing to %dx%d changed the aspect ratio of %d of %d images (first: %s); crop them to "
+                        "squares before genbench prepare, or use --resize center-crop, to keep their proportions",
+                        self.split, self.image_size, self.image_size, len(self.reshaped), sum(self.counts.values()),
+                        self.reshaped[0])
+        directory, counts, labels = self.directory, self.counts, self.labels
+        shards = [{"file": name, "num_samples": counts[name], "sha256": sha256_file(directory / name),
+                   "bytes": (directory / name).stat().st_size} for name in sorted(counts)]
+        n_classes = max(labels) + 1 if labels else 0
+        assert self.shape is not None, f"the {self.split} split is empty"
+        return {
+            "num_samples": int(sum(counts.values())),
+            "image_size": [int(self.shape[0]), int(self.shape[1])],
+            "channels": int(self.shape[2]),
+            "label_histogram": [labels.get(c, 0) for c in range(n_classes)],
+            "shards": shards,
+        }
 
 
 def _tar_bytes(record: dict) -> int:

@@ -43,7 +43,7 @@ class Source:
         raise NotImplementedError
 
 
-def _as_hwc(image: Image.Image | np.ndarray) -> np.ndarray:
+def as_hwc(image: Image.Image | np.ndarray) -> np.ndarray:
     """PIL image or array -> uint8 HWC array with 1 (grayscale) or 3 (RGB) channels."""
     if isinstance(image, Image.Image):
         if image.mode not in ("L", "RGB"):
@@ -108,7 +108,7 @@ class FolderSource(Source):
         path, label = self.files[index]
         try:
             with Image.open(path) as im:
-                image = _as_hwc(im)
+                image = as_hwc(im)
         except OSError as e:
             raise SourceError(f"cannot read image {path}: {e}; remove or replace the file") from e
         return Sample(image, label, {"source_id": str(path.relative_to(self.root))})
@@ -162,7 +162,7 @@ class TorchvisionSource(Source):
             label = values[self.attribute_names.index(self.label_attribute)] if self.label_attribute else None
         else:
             label = int(target)
-        return Sample(_as_hwc(image), label, attributes)
+        return Sample(as_hwc(image), label, attributes)
 
 
 def open_source(spec: str, root: Optional[str] = None, download: bool = False,
