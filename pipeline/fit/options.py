@@ -47,6 +47,8 @@ class PrepareOptions:
         seed: seed of the train/val split.
         shard_size: samples per shard (``5000``) or bytes per shard (``64MB``).
         image_size: resize images to this square size (pixels); None keeps the source's size.
+        resize: with image_size: ``center-crop`` (shorter side to the size, then the central square) or
+            ``stretch``.
         png_compression: zlib level of the lossless PNGs (0: largest files, fastest to decode).
         channels: convert every image to grayscale (1) or RGB (3); None keeps the source's.
         root: local root of a torchvision dataset.
@@ -57,6 +59,7 @@ class PrepareOptions:
     seed: int = 0
     shard_size: str = "10000"
     image_size: Optional[int] = None
+    resize: str = "center-crop"
     png_compression: int = 0
     channels: Optional[int] = None
     root: str = "data/torchvision"

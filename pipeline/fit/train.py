@@ -104,7 +104,7 @@ def ensure_shards(data_config: Namespace, prepare: Namespace) -> None:
 
     write_shards(open_source(prepare.source, root=prepare.root), shards, val_fraction=prepare.val_fraction,
                  seed=prepare.seed, shard_size=prepare.shard_size, image_size=prepare.image_size,
-                 png_compression=prepare.png_compression, channels=prepare.channels)
+                 png_compression=prepare.png_compression, channels=prepare.channels, resize_mode=prepare.resize)
 
 
 def check_model_fits_data(config: Namespace) -> None:

@@ -64,7 +64,8 @@ class GenerativeModule(LightningModule):
         num_classes: None for an unconditional model, else the number of classes it is conditioned on.
         ema_decay: decay of the exponential moving average of the weights used for sampling and
             stored in checkpoints; None disables the average.
-        sample_every_n_steps: save (and log) a sample grid every this many optimizer steps; 0 only at the end.
+        sample_every_n_steps: save (and log) a sample grid every this many optimizer steps; 0 only at the end;
+            negative never (a smoke test of a model whose sampling is slow, such as a 64x64 pixel transformer).
         compile: compile the network in place (``Module.compile``).
         sample_batch_size: rows of every network call when sampling (fixed, so samples do not depend on
             how many are drawn together); a memory/speed setting.
@@ -232,7 +233,7 @@ class GenerativeModule(LightningModule):
     def configure_callbacks(self) -> list[Callback]:
         from pipeline.models.grids import SampleGrids
 
-        callbacks: list[Callback] = [SampleGrids(self.sample_every_n_steps)]
+        callbacks: list[Callback] = [SampleGrids(self.sample_every_n_steps)] if self.sample_every_n_steps >= 0 else []
         if self.ema_decay is not None:
             callbacks.append(EMA(decay=self.ema_decay))
         return callbacks
