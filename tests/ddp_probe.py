@@ -36,8 +36,9 @@ class KeyRecorder(LightningModule):
 
 if __name__ == "__main__":
     shards, out, workers, samples_per_epoch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    fit = {"image_size": int(sys.argv[5]), "channels": 3} if len(sys.argv) > 5 else {}  # foreign, mixed sizes
     dm = ShardDataModule(shards, batch_size=32, num_workers=workers, samples_per_epoch=samples_per_epoch or None,
-                         seed=3)
+                         seed=3, **fit)
     trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       limit_val_batches=0)

@@ -34,11 +34,11 @@ def _encode(image: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def _write_tar(path: Path, samples: list[dict[str, bytes]]) -> None:
+def _write_tar(path: Path, samples: list[dict[str, bytes]], prefix: str = "sample") -> None:
     with tarfile.open(path, "w") as tar:
         for i, sample in enumerate(samples):
             for ext, data in sample.items():
-                info = tarfile.TarInfo(f"sample{i:05d}.{ext}")
+                info = tarfile.TarInfo(f"{prefix}{i:05d}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
 

@@ -40,6 +40,25 @@ def test_a_manifest_at_a_url_prefix_reads_like_the_directory(digits_shards, serv
     assert any(method == "GET" and rng.startswith("bytes=") for method, _, rng in served_digits.log)
 
 
+def test_a_run_over_http_resumes_where_it_stopped(tmp_path, digits_shards, served_digits):
+    """10 steps from a URL, then the same run to 20: the weights of 20 steps in one go from the local copy (the data
+    order resumes per epoch, remote or not)."""
+    from test_checkpoints import _fit, _state
+
+    common = ["--trainer.limit_train_batches=5", "--model.init_args.dropout=0.0", "--run.checkpoint_every_n_steps=4"]
+    url = served_digits.url + "/"
+    first = _fit(tmp_path, url, "ar", "--run.name=http", "--trainer.max_steps=10", *common)
+    resumed = _fit(tmp_path, url, "ar", "--run.name=http", "--trainer.max_steps=20", *common)
+    assert resumed == first
+    straight = _fit(tmp_path, digits_shards, "ar", "--run.name=local", "--trainer.max_steps=20", *common)
+    a, b = _state(resumed / "checkpoints" / "last.ckpt"), _state(straight / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 20
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in b["state_dict"])
+    info = json.loads((resumed / "run.json").read_text())
+    assert info["attempts"] == 2 and info["data"]["shards"] == url
+    assert info["data"]["manifest_hash"] == manifest_hash(load_manifest(digits_shards))
+
+
 def test_faults_are_retried_then_named(digits_shards, served_digits, monkeypatch):
     import pipeline.data.remote as remote
 
@@ -84,17 +103,26 @@ def test_a_brace_pattern_of_foreign_tars_without_manifest(tmp_path):
 
 @pytest.mark.ddp
 @pytest.mark.slow
-def test_two_ranks_stream_disjoint_samples_over_http(tmp_path, served_digits):
+def test_two_ranks_stream_disjoint_samples_over_http(tmp_path):
+    """Foreign tars (mixed-size JPEGs, no manifest) from a brace pattern: a 2-rank DDP fit over HTTP."""
+    served = tmp_path / "served"
+    served.mkdir()
+    for s in range(4):
+        _write_tar(served / f"train-{s:04d}.tar", [{"jpg": _encode(_bands(20 + 4 * (i % 4), 16 + 2 * (i % 3)), "JPEG"),
+                                                    "cls": str(i % 5).encode()} for i in range(48)], prefix=f"s{s}-")
     out = tmp_path / "probe"
     out.mkdir()
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_probe.py"), served_digits.url + "/", str(out),
-                           "0", "0"], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    with ShardServer(served) as server:
+        proc = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_probe.py"),
+                               server.url + "/train-{0000..0003}.tar", str(out), "0", "128", "16"],
+                              cwd=REPO, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [json.loads(p.read_text()) for p in sorted(out.glob("rank*-epoch0.json"))]
-    assert len(records) == 2 and records[0]["batches"] == records[1]["batches"] > 0
-    assert not set(records[0]["keys"]) & set(records[1]["keys"])
-    assert sum(1 for m, _, r in served_digits.log if m == "GET" and r) >= 2
+    for epoch in (0, 1):
+        records = [json.loads(p.read_text()) for p in sorted(out.glob(f"rank*-epoch{epoch}.json"))]
+        assert len(records) == 2 and records[0]["batches"] == records[1]["batches"] == 2  # 128 / (32 x 2)
+        assert not set(records[0]["keys"]) & set(records[1]["keys"])
+    assert sum(1 for m, _, r in server.log if m == "GET" and r.startswith("bytes=")) >= 4
 
 
 @pytest.fixture
