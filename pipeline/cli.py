@@ -186,7 +186,12 @@ def _parser() -> argparse.ArgumentParser:
     aud = sub.add_parser("train-auditor", help=COMMANDS["train-auditor"], description=COMMANDS["train-auditor"])
     aud.add_argument("--data", required=True, help="shard directory with labels")
     aud.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
-    aud.add_argument("--out", help="checkpoint path (default: the cache, keyed by the manifest hash)")
+    aud.add_argument("--out", help="checkpoint path (default: the cache, keyed by the manifest hash and the fit)")
+    aud.add_argument("--image-size", type=int, help="classify images fitted to this size, as a run with "
+                                                    "data.image_size sees them (default: the shards' size)")
+    aud.add_argument("--channels", type=int, choices=(1, 3), help="convert to 1 or 3 channels (default: the shards')")
+    aud.add_argument("--resize", choices=("center-crop", "random-crop", "stretch"), default="center-crop",
+                     help="with --image-size: how images are fitted (default center-crop)")
 
     fetch = sub.add_parser("fetch-weights", help=COMMANDS["fetch-weights"], description=COMMANDS["fetch-weights"])
     fetch.add_argument("networks", nargs="*", choices=("inception", "dinov2", "clip"), metavar="NETWORK",
@@ -447,9 +452,12 @@ def cmd_serve(args, extra) -> int:
 def cmd_train_auditor(args, extra) -> int:
     from pathlib import Path
 
+    from pipeline.benchmark.images import FIT_DEFAULTS
     from pipeline.metrics.auditor import train_auditor
 
-    print(f"auditor: {train_auditor(args.data, epochs=args.epochs, out=Path(args.out) if args.out else None)}")
+    fit = {k: v for k, v in (("image_size", args.image_size), ("channels", args.channels), ("resize", args.resize))
+           if v is not None and FIT_DEFAULTS.get(k) != v}
+    print(f"auditor: {train_auditor(args.data, epochs=args.epochs, out=Path(args.out) if args.out else None, fit=fit)}")
     return 0
 
 

@@ -110,21 +110,26 @@ def test_labels_from_json_and_txt(foreign):
 @pytest.mark.slow
 def test_a_run_trains_and_is_scored_at_the_fitted_size(tmp_path, digits_shards):
     """8x8 digits trained at 16x16 (data.image_size): the model's size is checked against the fitted size, and
-    the benchmark reads its reference at that size (the memorisation audit compares pixels, so it must)."""
+    the benchmark reads its reference at that size (the memorisation audit compares pixels, so it must) and trains
+    its auditor at that size (before, the auditor metrics were skipped: an 8x8 auditor cannot read 16x16)."""
     from conftest import REPO, genbench
 
     fit = genbench("fit", "--config", str(REPO / "experiments" / "digits" / "vae.yaml"), "--trainer.max_steps=3",
                    f"--data.init_args.shards={digits_shards}", "--data.init_args.image_size=16",
                    "--model.init_args.image_size=16", f"--run.root={tmp_path / 'runs'}", "--tracking.wandb=false",
-                   "--trainer.enable_progress_bar=false")
+                   "--trainer.enable_progress_bar=false", "--benchmark.auditor_epochs=1")
     assert fit.returncode == 0, fit.stderr[-3000:]
     (run,) = (tmp_path / "runs").iterdir()
-    bench = genbench("benchmark", "--run", str(run), "--num-samples", "60", "--metrics", "memorization",
-                     "--results", str(tmp_path / "results"))
+    cache = tmp_path / "cache"
+    bench = genbench("benchmark", "--run", str(run), "--num-samples", "60", "--metrics", "memorization,fd_auditor",
+                     "--results", str(tmp_path / "results"), env={"GENBENCH_CACHE": str(cache)})
     assert bench.returncode == 0, bench.stderr[-3000:]
     (record,) = [json.loads(p.read_text()) for p in (tmp_path / "results").glob("*.json")]
     assert record["protocol"]["reference"]["fit"] == {"image_size": 16}
     assert record["metrics"]["memorization"]["spaces"]["pixels"]["copy_rate"] is not None
+    assert record["metrics"]["fd_auditor"] > 0 and "fd_auditor" not in record.get("skipped", {})
+    (info,) = [json.loads(p.read_text()) for p in (cache / "auditors").glob("*/auditor.json")]
+    assert info["image_shape"] == [1, 16, 16] and info["fit"] == {"image_size": 16}
     mismatch = genbench("fit", "--config", str(REPO / "experiments" / "digits" / "vae.yaml"), "--trainer.max_steps=3",
                         f"--data.init_args.shards={digits_shards}", "--data.init_args.image_size=16",
                         f"--run.root={tmp_path / 'runs2'}", "--tracking.wandb=false")

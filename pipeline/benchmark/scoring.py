@@ -362,11 +362,11 @@ def _auditor(image_shape: tuple[int, ...], reference: Reference, opts: ScoreOpti
                       "--auditor CKPT (genbench train-auditor) or score against a labelled shard directory")
     else:
         manifest_hash = reference.content_hash.split(":")[0]
-        path = auditor_path(manifest_hash)
+        path = auditor_path(manifest_hash, reference.fit)
         if not broadcast(path.exists(), placement):
             # One process trains it (a single-process Trainer, whatever the launcher); the others wait for it.
             if placement.is_main:
-                train_auditor(reference.shards, epochs=opts.auditor_epochs, progress=opts.progress)
+                train_auditor(reference.shards, epochs=opts.auditor_epochs, progress=opts.progress, fit=reference.fit)
             barrier(placement)
     auditor = EXTRACTORS["auditor"](path, device)
     assert isinstance(auditor, AuditorExtractor)

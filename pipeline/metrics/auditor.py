@@ -8,6 +8,7 @@ Trainer and cached; its held-out accuracy travels with every record that uses it
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -89,17 +90,25 @@ class Auditor(LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 
-def auditor_path(manifest_hash: str) -> Path:
-    return cache_dir() / "auditors" / manifest_hash[:16] / "auditor.ckpt"
+def auditor_path(manifest_hash: str, fit: Optional[dict] = None) -> Path:
+    """The cached auditor of a data set, and of the size it was fitted to (``fit``: the data module's
+    ``image_size``/``channels``/``resize``/``label_key`` where they differ from the defaults)."""
+    key = manifest_hash[:16]
+    if fit:
+        key += "-" + hashlib.sha256(json.dumps(fit, sort_keys=True).encode()).hexdigest()[:8]
+    return cache_dir() / "auditors" / key / "auditor.ckpt"
 
 
 def train_auditor(shards: str, epochs: int = 10, seed: int = 0, out: Optional[Path] = None,
-                  progress: bool = True) -> Path:
-    """Train the auditor on the train split's labels, measure it on the val split, save it atomically."""
+                  progress: bool = True, fit: Optional[dict] = None) -> Path:
+    """Train the auditor on the train split's labels, measure it on the val split, save it atomically. ``fit``: the
+    data module's ``image_size``/``channels``/``resize``/``label_key``, so it classifies images at the size a run
+    trained on, not the shards' own."""
     from pytorch_lightning import seed_everything
 
     seed_everything(seed, verbose=False)
-    dm = ShardDataModule(shards, batch_size=128, num_workers=0, seed=seed)
+    fit = {k: v for k, v in (fit or {}).items() if v is not None}
+    dm = ShardDataModule(shards, batch_size=128, num_workers=0, seed=seed, **fit)
     manifest, info = dm.manifest, dm.split_info("train")
     if not info["label_histogram"]:
         raise ValueError(f"the train split of {shards} has no labels; the auditor needs classes or an attribute")
@@ -107,7 +116,7 @@ def train_auditor(shards: str, epochs: int = 10, seed: int = 0, out: Optional[Pa
         raise ValueError(f"{shards} has no val split to measure the auditor on; prepare with --val-fraction > 0")
     c, h, _ = dm.image_shape
     model = Auditor(c, h, dm.num_classes, manifest["class_names"])
-    out = out or auditor_path(dm.manifest_hash)
+    out = out or auditor_path(dm.manifest_hash, fit)
     # LightningEnvironment: a plain single process even when started by srun/torchrun with several ranks
     # (rank 0 of a benchmark trains the auditor while the others wait), where Lightning would otherwise
     # take the launcher's world size and expect every rank to join.
@@ -127,6 +136,7 @@ def train_auditor(shards: str, epochs: int = 10, seed: int = 0, out: Optional[Pa
         print(f"[auditor] held-out accuracy {accuracy:.3f}: {out}", flush=True)
     atomic_write_json(out.with_suffix(".json"), {"val_accuracy": accuracy, "manifest_hash": dm.manifest_hash,
                                                  "epochs": epochs, "seed": seed, "num_classes": dm.num_classes,
+                                                 "image_shape": list(dm.image_shape), **({"fit": fit} if fit else {}),
                                                  "class_names": manifest["class_names"]})
     return out
 
