@@ -1,6 +1,7 @@
 """Images/s per loader worker that ShardDataModule delivers from the same 32x32 shards read locally (mmap), over
 HTTP from 127.0.0.1, and from an S3-compatible server (moto) on 127.0.0.1, in the same run (target: HTTP >= 0.8x
-local). Written to ``benchmarks/results/remote-shards.json`` (or ``--out``).
+local). Also HTTP with a ``cache_dir``, measured after one pass has filled it: what later epochs of a remote corpus
+cost. Written to ``benchmarks/results/remote-shards.json`` (or ``--out``).
 
 The HTTP server is the tests' range-answering static server (``tests/shard_server.py``: what nginx or an object
 store answers to a range request), in a thread of its own process; moto's S3 server is started as a process.
@@ -32,8 +33,9 @@ sys.path.insert(0, str(REPO / "tests"))
 from shard_server import ShardServer, start_moto  # noqa: E402  (test scaffolding, not part of the package)
 
 
-def loader(shards: str, workers: int):
-    dm = ShardDataModule(shards, batch_size=256, num_workers=workers, shuffle_buffer=1000, samples_per_epoch=10**9)
+def loader(shards: str, workers: int, **options):
+    dm = ShardDataModule(shards, batch_size=256, num_workers=workers, shuffle_buffer=1000, samples_per_epoch=10**9,
+                         **options)
     return dm.train_dataloader()
 
 
@@ -74,11 +76,17 @@ def main() -> None:
                     local = rate(loader(str(root / "shards"), workers), args.measure)
                     http = rate(loader(server.url + "/", workers), args.measure)
                     s3 = rate(loader(s3_url, workers), args.measure)
+                    # a whole pass first (uncounted): every shard is then in the cache
+                    cached = rate(loader(server.url + "/", workers, cache_dir=str(root / f"cache-{workers}")),
+                                  args.measure, warmup_batches=args.images // 256 + 2)
                     rows[str(workers)] = {"local_mmap": round(local, 1), "http": round(http, 1), "s3": round(s3, 1),
+                                          "http_cached": round(cached, 1),
                                           "http_vs_local": round(http / local, 3), "s3_vs_local": round(s3 / local, 3),
+                                          "http_cached_vs_local": round(cached / local, 3),
                                           "http_per_worker": round(http / workers, 1)}
                     print(f"workers {workers}: local {local:,.0f} img/s, http {http:,.0f} ({http / local:.2f}x), "
-                          f"s3 {s3:,.0f} ({s3 / local:.2f}x)", flush=True)
+                          f"s3 {s3:,.0f} ({s3 / local:.2f}x), http after the cache filled {cached:,.0f} "
+                          f"({cached / local:.2f}x)", flush=True)
         finally:
             moto.terminate()
             moto.wait(timeout=10)

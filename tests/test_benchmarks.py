@@ -166,5 +166,6 @@ def test_remote_shards_benchmark_compares_http_and_s3_with_local(tmp_path):
     rows = json.loads(out.read_text())["remote_shards"]["workers"]
     assert list(rows) == ["1"]
     for row in rows.values():
-        assert row["local_mmap"] > 0 and row["http"] > 0 and row["s3"] > 0
+        assert row["local_mmap"] > 0 and row["http"] > 0 and row["s3"] > 0 and row["http_cached"] > 0
         assert row["http_vs_local"] == pytest.approx(row["http"] / row["local_mmap"], rel=1e-2)
+        assert row["http_cached_vs_local"] == pytest.approx(row["http_cached"] / row["local_mmap"], rel=1e-2)

@@ -55,6 +55,9 @@ def test_later_epochs_read_the_cached_copy(digits_shards, served, tmp_path):
     train = [s["file"] for s in dm.manifest["splits"]["train"]["shards"]]
     assert [_gets(served, f) for f in train] == [1] * len(train)
     assert not list(cache_dir.glob("*.partial"))
+    copies[0].write_bytes(b"damaged" * 100)  # a damaged copy is dropped and the shard streamed again
+    assert _keys(dm.stream("val", False, 64)) == expected
+    assert _gets(served, val) == 2 and copies[0].read_bytes() == (digits_shards / val).read_bytes()
 
 
 def test_the_cache_stays_within_its_bound_least_recently_used_out(served, tmp_path):

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from pipeline.data import remote
-from pipeline.data.tarstream import iter_members
+from pipeline.data.tarstream import TarFormatError, iter_members
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +71,18 @@ class ShardCache:
         cached = self.path(url, identity)
         try:
             _touch(cached)  # a hit: now the most recently used
-        except FileNotFoundError:
+            members = iter_members(str(cached))
+            first = next(members, None)  # opens and maps the copy: another process may evict it from here on
+        except FileNotFoundError:  # not cached, or evicted by another process just now
             pass
+        except TarFormatError as e:  # a damaged copy (the disk, or a hand edit): dropped and streamed again
+            log.warning("dropping the damaged cached copy %s of %s (%s)", cached, remote.public_url(url), e)
+            cached.unlink(missing_ok=True)
         else:
             self.hits += 1
-            yield from iter_members(str(cached))
+            if first is not None:
+                yield first
+                yield from members
             return
         self.misses += 1
         self.directory.mkdir(parents=True, exist_ok=True)
