@@ -1,9 +1,10 @@
 """Shards from anywhere: ``http(s)://`` and ``s3://`` URLs read through fsspec (s3fs for S3), and ``pipe:CMD``
 shards (a shell command's standard output, the WebDataset way), with the retries a stream to many nodes needs.
 
-fsspec reads a remote file in blocks, one range request each (``READ_BLOCK``), and S3-compatible stores are
-reached through ``AWS_ENDPOINT_URL`` and the usual credential chain. What fsspec does not do is retry: one
-dropped connection or 503 in the middle of a 1 GB shard would end a 64-GPU run. ``RetryingReader`` re-opens
+An HTTP shard is one streamed GET; S3 objects are read by s3fs in blocks, one range request each
+(``READ_BLOCK``), and S3-compatible stores are reached through ``AWS_ENDPOINT_URL`` and the usual credential
+chain. What fsspec does not do is retry: one dropped connection or 503 in the middle of a 1 GB shard would end a
+64-GPU run. ``RetryingReader`` re-opens
 the file at the byte it had reached, with exponential backoff and jitter, up to ``retries`` times, then fails
 naming the URL. A read that stalls past ``timeout`` seconds is such a failure, never a hang. 401/403/404 are not
 retried: the message names the URL, the endpoint and where credentials come from, never a secret. A ``pipe:``
@@ -144,10 +145,29 @@ class RetryingReader(io.RawIOBase):
         self.close_file()
         if self.url.startswith("pipe:"):
             self.file = PipeFile(self.url[len("pipe:"):], self.timeout)
-        else:
+            if self.position:
+                self.file.seek(self.position)
+        elif self.url.startswith("s3://"):
             self.file = filesystem(self.url, self.timeout).open(self.url, "rb")
-        if self.position:
-            self.file.seek(self.position)
+            if self.position:
+                self.file.seek(self.position)
+        else:
+            self.file = self._open_http_stream()
+
+    def _open_http_stream(self) -> Any:
+        """One streamed GET for the whole shard (no per-block requests; servers without Range support, such as
+        Python's http.server, work too). After a failure it resumes with ``Range: bytes=POSITION-``; a server that
+        ignores the range answers 200 with the whole file, and the bytes already read are skipped."""
+        headers = {"Range": f"bytes={self.position}-"} if self.position else {}
+        file = filesystem(self.url, self.timeout).open(self.url, "rb", block_size=0, headers=headers)
+        if self.position and getattr(getattr(file, "r", None), "status", 206) == 200:
+            left = self.position
+            while left > 0:
+                data = file.read(min(left, 1 << 20))
+                if not data:
+                    raise EOFError(f"the server's copy is shorter than the {self.position} bytes read before")
+                left -= len(data)
+        return file
 
     def close_file(self) -> None:
         if self.file is not None:
