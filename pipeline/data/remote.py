@@ -4,11 +4,11 @@ shards (a shell command's standard output, the WebDataset way), with the retries
 An HTTP shard is one streamed GET; S3 objects are read by s3fs in blocks, one range request each
 (``READ_BLOCK``), and S3-compatible stores are reached through ``AWS_ENDPOINT_URL`` and the usual credential
 chain. What fsspec does not do is retry: one dropped connection or 503 in the middle of a 1 GB shard would end a
-64-GPU run. ``RetryingReader`` re-opens
-the file at the byte it had reached, with exponential backoff and jitter, up to ``retries`` times, then fails
-naming the URL. A read that stalls past ``timeout`` seconds is such a failure, never a hang. 401/403/404 are not
-retried: the message names the URL, the endpoint and where credentials come from, never a secret. A ``pipe:``
-command that fails (exits non-zero) or stalls is restarted the same way, skipping the bytes already read.
+64-GPU run. ``RetryingReader`` re-opens the file at the byte it had reached, with exponential backoff and jitter,
+up to ``retries`` times, then fails naming the URL. A read that stalls past ``timeout`` seconds is such a failure,
+never a hang. 401/403/404 are not retried: the message names the URL, the endpoint and where credentials come
+from, never a secret. A ``pipe:`` command that fails (exits non-zero) or stalls is restarted the same way,
+skipping the bytes already read.
 """
 
 from __future__ import annotations
