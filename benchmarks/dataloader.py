@@ -171,7 +171,7 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.jpeg:
         # 256x256 images decode ~50x slower than 32x32 ones: fewer of them measure as well
-        args.images, args.measure = (600, 1000) if args.small else (min(args.images, 4000), min(args.measure, 6000))
+        args.images, args.measure = (300, 600) if args.small else (min(args.images, 4000), min(args.measure, 6000))
         args.out = args.out or str(Path(__file__).parent / "results" / "dataloader-jpeg256.json")
         jpeg_main(args)
         return
