@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import REPO
 from pipeline.data.datamodule import ShardDataModule
 from pipeline.data.shards import ShardError
 
@@ -203,3 +207,48 @@ def test_loader_workers_are_not_forked_from_the_training_process(digits_shards):
     # and the preemption warning (--signal=SIGUSR1@90), whose default action would end them mid-step
     assert _ignores_sigterm(servers[0], signal.SIGUSR1) and all(_ignores_sigterm(p, signal.SIGUSR1) for p in workers)
     del batches
+
+
+HELPERS_UNDER_JOB_SIGNALS = """
+import json, os, signal, sys, time
+from multiprocessing import forkserver, resource_tracker
+from pipeline.data.datamodule import ShardDataModule
+
+
+def alive(pid):
+    try:
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:  # already reaped: Python relaunched a dead resource tracker
+        return False
+
+
+if __name__ == "__main__":
+    dm = ShardDataModule(sys.argv[1], batch_size=64, num_workers=2)
+    dm.setup("fit")
+    batches = iter(dm.train_dataloader())
+    next(batches)
+    helpers = [resource_tracker._resource_tracker._pid, forkserver._forkserver._forkserver_pid]
+    for pid in helpers:  # what SLURM sends every process of the job step
+        os.kill(pid, signal.SIGUSR1)
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(0.5)
+    first = 1 + sum(1 for _ in batches)
+    second = sum(1 for _ in dm.train_dataloader())  # the next epoch's workers, from the same fork server
+    print(json.dumps({"alive": [alive(pid) for pid in helpers],
+                      "batches": [first, second]}))
+"""
+
+
+def test_loader_helper_processes_outlive_the_job_signals(tmp_path, digits_shards):
+    """multiprocessing's resource tracker dies of SIGUSR1 (the time-limit warning) unless started with it
+    blocked; Python then relaunches it and the new one prints a traceback per semaphore of the old one."""
+    script = tmp_path / "helpers.py"
+    script.write_text(HELPERS_UNDER_JOB_SIGNALS)
+    done = subprocess.run([sys.executable, str(script), str(digits_shards)], capture_output=True, text=True,
+                          timeout=300, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["alive"] == [True, True]
+    length = len(ShardDataModule(str(digits_shards), batch_size=64).train_dataloader())
+    assert result["batches"] == [length, length]
+    assert "relaunching" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]

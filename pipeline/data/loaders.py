@@ -42,7 +42,29 @@ def loader_context() -> multiprocessing.context.BaseContext:
     context = multiprocessing.get_context("forkserver")
     # "__main__" as multiprocessing's default: workers then do not re-import the main module one by one
     context.set_forkserver_preload(["__main__", "pipeline.data.loader_server"])
+    _start_helpers_deaf_to_job_signals()
     return context
+
+
+def _start_helpers_deaf_to_job_signals() -> None:
+    """Start multiprocessing's helper processes (the resource tracker, the fork server) with the job signals
+    blocked, a mask they keep across exec.
+
+    SLURM signals every process of the job step. The resource tracker ignores SIGINT and SIGTERM but not
+    SIGUSR1, whose default action ends it: after the time-limit warning, Python relaunched it ("process died
+    unexpectedly, relaunching. Some resources might leak") and the new tracker printed a KeyError traceback for
+    every semaphore the old one had registered. The fork server ignores both once ``loader_server`` is imported;
+    blocked from its start, a signal during that import cannot end it either. Blocking, not ignoring, in this
+    process: a signal that arrives meanwhile is delivered when the mask is restored, not lost.
+    """
+    from multiprocessing import forkserver, resource_tracker
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
+    try:
+        resource_tracker.ensure_running()
+        forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class EpochDataLoader(DataLoader):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 import warnings
@@ -23,7 +24,6 @@ from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
-from pytorch_lightning.loggers import WandbLogger
 
 from pipeline.console import interactive
 from pipeline.data.datamodule import ShardDataModule
@@ -36,9 +36,11 @@ from pipeline.fit.options import BenchmarkOptions, PrepareOptions, RunOptions, T
 from pipeline.fit.preemption import PreemptionCheckpoint, allocation_problem, requeue_job, slurm_job_id, under_slurm
 from pipeline.fit.progress import LineProgressBar
 from pipeline.fit.provenance import ProvenanceCallback
-from pipeline.fit.tracking import ContinuingCSVLogger, wandb_mode
+from pipeline.fit.tracking import SERVICE_GONE, ContinuingCSVLogger, ResilientWandbLogger, wandb_mode
 from pipeline.io import atomic_write_text
 from pipeline.models.base import GenerativeModule
+
+log = logging.getLogger(__name__)
 
 # Our train loader's __len__ is exact (per-worker quotas), and args are passed on purpose.
 warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined.*")
@@ -212,8 +214,9 @@ class GenbenchCLI(LightningCLI):
         tracking = {"csv": str(run_dir / "logs" / "metrics.csv"), "wandb_mode": mode}
         if mode != "disabled":
             wandb_id = _wandb_id(run_dir, chash)
-            wandb_logger = WandbLogger(project=self.config.tracking.project, name=run_dir.name, id=wandb_id,
-                                       save_dir=str(run_dir), offline=(mode == "offline"), resume="allow")
+            wandb_logger = ResilientWandbLogger(project=self.config.tracking.project, name=run_dir.name, id=wandb_id,
+                                                save_dir=str(run_dir), offline=(mode == "offline"),
+                                                resume="allow")
             # Lightning always passes anonymous=None, which wandb warns about on every run ("the anonymous
             # setting has no effect") although nothing was asked for: leave the setting out
             wandb_logger._wandb_init.pop("anonymous", None)
@@ -261,7 +264,10 @@ def _finish_wandb() -> None:
     import wandb
 
     if wandb.run is not None:
-        wandb.finish()
+        try:
+            wandb.finish()
+        except SERVICE_GONE as e:  # the requeue below matters more than this attempt's last W&B rows
+            log.warning("W&B could not finish this attempt's run (%s); requeueing anyway", e)
 
 
 def last_checkpoint(run_dir: Path) -> Optional[Path]:
@@ -295,6 +301,9 @@ def fit(args: list[str]) -> Path:
             _finish_wandb()  # the requeue ends the job at once: W&B would lose this attempt's unflushed curve
             if job:
                 requeue_job(job)
+    elif preemption is not None and preemption.preempted and cli.trainer.is_global_zero:
+        print(f"stopped by SIGTERM at step {preemption.preempted_at_step}: saved {preemption.checkpoint}; SLURM "
+              "requeues a preempted job, which resumes from it (after scancel, resubmit the same command)", flush=True)
     return cli.run_dir
 
 
