@@ -48,6 +48,7 @@ class ShardServer:
         self.unavailable: dict[str, int] = {}  # path -> how many more 503 answers
         self.stall: set[str] = set()  # paths that never answer
         self.ranges = True  # False: answer every GET with the whole file, as servers without Range support do
+        self.head_status = 200  # 403: refuse HEAD, as a presigned URL (signed for GET) does
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -74,6 +75,8 @@ class ShardServer:
                 path = self._file()
                 if path is None:
                     return self._headers(404, 0)
+                if server.head_status != 200:
+                    return self._headers(server.head_status, 0)
                 self._headers(200, path.stat().st_size)
 
             def do_GET(self):
@@ -104,6 +107,10 @@ class ShardServer:
                     server.cut_once.discard(self.path)
                     self.wfile.write(body[:len(body) // 2])
                     self.wfile.flush()
+                    # aiohttp raises a lost connection before handing out the bytes it had buffered: cut at once,
+                    # the reader may never see the half sent, and its retry starts at byte 0 (a real cut can do
+                    # that too, but the test wants the resume from the byte reached)
+                    time.sleep(0.3)
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return

@@ -6,20 +6,29 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import REPO
 
 
+def _run(script: str, *args: str, tmp_path: Path, cwd: Path = REPO, timeout: int = 600,
+         torch_home: bool = False) -> dict:
+    """Run benchmarks/SCRIPT with ``--out`` in tmp_path; its results file, parsed."""
+    out = tmp_path / "result.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if torch_home:  # no Inception weights can be downloaded: the script must find none in a fresh TORCH_HOME
+        env["TORCH_HOME"] = str(tmp_path / "torch")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args, "--out", str(out)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 @pytest.mark.slow
 def test_dataloader_benchmark_writes_its_comparison(tmp_path):
-    out = tmp_path / "dataloader.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "dataloader.py"), "--small", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = _run("dataloader.py", "--small", tmp_path=tmp_path, timeout=300)
     for workers in ("1", "2"):
         row = result["workers"][workers]
         assert row["shard_data_module"] > 0 and row["imagefolder"] > 0
@@ -28,12 +37,7 @@ def test_dataloader_benchmark_writes_its_comparison(tmp_path):
 
 @pytest.mark.slow
 def test_jpeg_dataloader_benchmark_fits_to_both_sizes(tmp_path):
-    out = tmp_path / "jpeg.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "dataloader.py"), "--jpeg", "--small",
-                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = _run("dataloader.py", "--jpeg", "--small", tmp_path=tmp_path, timeout=300)
     assert sorted(result["fitted_to"]) == ["256", "64"]
     for rows in result["fitted_to"].values():
         for row in rows.values():
@@ -42,12 +46,7 @@ def test_jpeg_dataloader_benchmark_fits_to_both_sizes(tmp_path):
 
 @pytest.mark.slow
 def test_metrics_benchmark_compares_with_torch_fidelity_in_the_same_run(tmp_path):
-    out = tmp_path / "metrics.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "metrics.py"), "--small", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "TORCH_HOME": str(tmp_path / "torch")})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = _run("metrics.py", "--small", tmp_path=tmp_path, torch_home=True)
     assert result["weights"].startswith("architecture only") and result["num_images_each"] == 48
     assert result["ratio_cached_vs_torch_fidelity"] == pytest.approx(
         result["genbench_cached_reference_s"] / result["torch_fidelity_s"], abs=2e-3)
@@ -56,12 +55,7 @@ def test_metrics_benchmark_compares_with_torch_fidelity_in_the_same_run(tmp_path
 
 @pytest.mark.slow
 def test_train_throughput_benchmark_compares_fit_with_a_plain_loop_for_every_family(tmp_path):
-    out = tmp_path / "cpu.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--family", "all",
-                           "--small", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = _run("train_throughput.py", "--family", "all", "--small", tmp_path=tmp_path, cwd=tmp_path, timeout=900)
     assert result["device"] == "cpu" and result["torch"]
     assert sorted(result["train_throughput"]) == ["ar", "ddpm", "gan", "vae"]
     for family, row in result["train_throughput"].items():
@@ -74,12 +68,7 @@ def test_train_throughput_benchmark_compares_fit_with_a_plain_loop_for_every_fam
 
 @pytest.mark.slow
 def test_sample_throughput_benchmark_times_every_sampler(tmp_path):
-    out = tmp_path / "cpu.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sample_throughput.py"), "--small", "--out",
-                           str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["sample_throughput"]
+    rows = _run("sample_throughput.py", "--small", tmp_path=tmp_path, cwd=tmp_path)["sample_throughput"]
     assert sorted(rows) == ["ar-kv-cache", "ddpm-ancestral-1000", "ddpm-ddim-100", "gan", "vae"]
     assert rows["ddpm-ancestral-1000"]["nfe"] == 1000 and rows["ddpm-ddim-100"]["nfe"] == 100
     # 10x the network evaluations per sample: the ancestral sampler must be clearly slower
@@ -91,13 +80,8 @@ def test_sample_throughput_benchmark_times_every_sampler(tmp_path):
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_scaling_benchmark_runs_one_and_two_gloo_processes(tmp_path):
-    out = tmp_path / "cpu.json"
     # each torchrun gets 240 s; one stuck past that fails with every Python thread's stack in its message
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scaling.py"), "--small", "--out", str(out),
-                           "--timeout", "240"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    row = json.loads(out.read_text())["scaling"]["ddpm"]
+    row = _run("scaling.py", "--small", "--timeout", "240", tmp_path=tmp_path, cwd=tmp_path)["scaling"]["ddpm"]
     assert row["backend"] == "gloo" and sorted(row["images_per_s"]) == ["1", "2"]
     assert row["efficiency"]["1"] == 1.0
     assert row["efficiency"]["2"] == pytest.approx(row["images_per_s"]["2"] / (2 * row["images_per_s"]["1"]),
@@ -107,12 +91,8 @@ def test_scaling_benchmark_runs_one_and_two_gloo_processes(tmp_path):
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_benchmark_split_times_one_and_two_ranks_of_a_whole_benchmark(tmp_path):
-    out = tmp_path / "cpu.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "benchmark_split.py"), "--small", "--out",
-                           str(out), "--timeout", "300"], cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "TORCH_HOME": str(tmp_path / "torch")})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    row = json.loads(out.read_text())["benchmark_split"]["ddpm"]
+    row = _run("benchmark_split.py", "--small", "--timeout", "300", tmp_path=tmp_path, cwd=tmp_path, timeout=900,
+               torch_home=True)["benchmark_split"]["ddpm"]
     # no Inception weights here: the auditor's metrics are what is timed
     assert row["backend"] == "gloo" and row["metrics"] == "fd_auditor,audit" and row["num_samples"] == 1000
     seconds = row["seconds"]
@@ -122,12 +102,7 @@ def test_benchmark_split_times_one_and_two_ranks_of_a_whole_benchmark(tmp_path):
 
 @pytest.mark.slow
 def test_memorization_benchmark_writes_cost_ratios_and_calibration(tmp_path):
-    out = tmp_path / "memorization.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "memorization.py"), "--num-images", "300",
-                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = _run("memorization.py", "--num-images", "300", tmp_path=tmp_path, timeout=900)
     cost = result["cost"]
     assert cost["num_images"] == 300 and cost["pixels_shift_tolerant_s"] > 0 and cost["features_2048_s"] > 0
     assert cost["chunked_over_cdist"] == pytest.approx(cost["chunked_search_s"] / cost["cdist_topk_s"], rel=0.01)
@@ -141,13 +116,8 @@ def test_memorization_benchmark_writes_cost_ratios_and_calibration(tmp_path):
 
 @pytest.mark.slow
 def test_api_benchmark_compares_generate_with_a_plain_loop(tmp_path):
-    out = tmp_path / "api.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "api_throughput.py"), "--small", "--concurrency",
-                           "1,4", "--rounds", "2", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
-                          timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["generate_vs_serve"]["concurrency"]
+    rows = _run("api_throughput.py", "--small", "--concurrency", "1,4", "--rounds", "2",
+                tmp_path=tmp_path)["generate_vs_serve"]["concurrency"]
     assert sorted(rows) == ["1", "4"]
     for row in rows.values():
         assert row["plain_loop_images_per_s"] > 0 and row["generate_images_per_s"] > 0
@@ -158,12 +128,7 @@ def test_api_benchmark_compares_generate_with_a_plain_loop(tmp_path):
 
 @pytest.mark.slow
 def test_remote_shards_benchmark_compares_http_and_s3_with_local(tmp_path):
-    out = tmp_path / "remote.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "remote_shards.py"), "--small", "--workers", "1",
-                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["remote_shards"]["workers"]
+    rows = _run("remote_shards.py", "--small", "--workers", "1", tmp_path=tmp_path)["remote_shards"]["workers"]
     assert list(rows) == ["1"]
     for row in rows.values():
         assert row["local_mmap"] > 0 and row["http"] > 0 and row["s3"] > 0 and row["http_cached"] > 0

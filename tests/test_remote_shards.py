@@ -40,6 +40,18 @@ def test_a_manifest_at_a_url_prefix_reads_like_the_directory(digits_shards, serv
     assert any(method == "GET" for method, _, _ in served_digits.log)
 
 
+def test_shards_are_read_with_gets_alone(digits_shards, served_digits):
+    """Each shard is one GET: no HEAD first (fsspec asks for the size before opening a file), which a presigned
+    URL, signed for GET only, would refuse with 403 (fsspec then tried a second GET)."""
+    served_digits.head_status = 403
+    remote = ShardDataModule(served_digits.url + "/", num_workers=0)
+    local = ShardDataModule(str(digits_shards), num_workers=0)
+    assert _keys(remote, "train") == _keys(local, "train")
+    assert [m for m, _, _ in served_digits.log if m != "GET"] == []
+    shards = [s["file"] for s in local.manifest["splits"]["train"]["shards"]]
+    assert sorted(p for _, p, _ in served_digits.log if p != "/manifest.json") == sorted(f"/{f}" for f in shards)
+
+
 def test_a_run_over_http_resumes_where_it_stopped(tmp_path, digits_shards, served_digits):
     """10 steps from a URL, then the same run to 20: the weights of 20 steps in one go from the local copy (the data
     order resumes per epoch, remote or not)."""

@@ -155,11 +155,14 @@ class RetryingReader(io.RawIOBase):
             self.file = self._open_http_stream()
 
     def _open_http_stream(self) -> Any:
-        """One streamed GET for the whole shard (no per-block requests; servers without Range support, such as
-        Python's http.server, work too). After a failure it resumes with ``Range: bytes=POSITION-``; a server that
-        ignores the range answers 200 with the whole file, and the bytes already read are skipped."""
+        """One streamed GET for the whole shard, no HEAD and no per-block requests (servers without Range
+        support, such as Python's http.server, work too). After a failure it resumes with ``Range:
+        bytes=POSITION-``; a server that ignores the range answers 200 with the whole file, and the bytes already
+        read are skipped."""
         headers = {"Range": f"bytes={self.position}-"} if self.position else {}
-        file = filesystem(self.url, self.timeout).open(self.url, "rb", block_size=0, headers=headers)
+        # size=-1: the streamed file never uses a size, and giving one spares the request fsspec sends to learn
+        # it: a HEAD, and where HEAD is refused (a presigned URL is signed for GET alone) a second GET
+        file = filesystem(self.url, self.timeout).open(self.url, "rb", block_size=0, size=-1, headers=headers)
         if self.position and getattr(getattr(file, "r", None), "status", 206) == 200:
             left = self.position
             while left > 0:

@@ -20,13 +20,14 @@ import logging
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image
 
 from pipeline.console import track
 from pipeline.data import remote
+from pipeline.data.labels import parse_label_key, read_label
 from pipeline.data.shards import (
     MANIFEST_FORMAT,
     SPLITS,
@@ -36,7 +37,6 @@ from pipeline.data.shards import (
     write_dataset,
 )
 from pipeline.data.sources import Sample, as_hwc
-from pipeline.data.stream import parse_label_key
 from pipeline.data.tarstream import TarFormatError, group_samples, iter_members
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class ForeignSamples:
             with Image.open(io.BytesIO(data)) as im:
                 image = as_hwc(im)  # any mode -> L or RGB
             attributes = json.loads(raw["json"]) if "json" in raw else {}
-            label = self._label(raw, attributes)
+            label = self._label(raw)
         except Exception as e:  # a damaged or imageless sample: skipped and counted, as the data module does
             if not self.skipped[shard]:
                 log.warning("--from: skipping sample %s of %s (%s); further ones in this shard are only counted",
@@ -106,24 +106,15 @@ class ForeignSamples:
         attributes = {**attributes, "source_shard": shard, "source_key": raw["__key__"]}
         return Sample(np.ascontiguousarray(image), label, attributes)
 
-    def _label(self, raw: dict, attributes: dict) -> Optional[int]:
-        if self.label_entry == "json":
-            if self.label_attribute not in attributes:
-                return None
-            value: Any = attributes[self.label_attribute]
-        elif self.label_entry in raw:
-            value = raw[self.label_entry].decode("utf-8").strip()
-        else:
-            return None
-        if isinstance(value, int) or (isinstance(value, str) and value.isdigit() and self.label_entry == "cls"):
+    def _label(self, raw: dict) -> Optional[int]:
+        value = read_label(raw, self.label_entry, self.label_attribute)
+        if isinstance(value, int):
             if self.class_names:
                 raise ValueError(f"label {value!r} is a number but earlier labels were names")
-            return int(value)
-        if not isinstance(value, str):
-            raise ValueError(f"label {value!r} ({self.label_entry}) is neither a class index nor a name")
-        if value not in self.class_names:
+            return value
+        if value is not None and value not in self.class_names:
             self.class_names.append(value)
-        return self.class_names.index(value)
+        return None if value is None else self.class_names.index(value)
 
 
 def reshard(pattern: str, out: str | os.PathLike, val_fraction: float = 0.1, seed: int = 0,

@@ -7,7 +7,6 @@ See ``pipeline.data.datamodule`` for how the consumers split the data.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import random
 from collections import Counter
@@ -19,6 +18,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode
 
 from pipeline.data.imageops import RESIZE_MODES, decode_any, decode_png, fit_to_size
+from pipeline.data.labels import parse_label_key, read_label
 from pipeline.data.remote import RemoteShardError, is_remote, iter_remote_members, public_url
 from pipeline.data.shard_cache import ShardCache
 from pipeline.data.shards import ShardError
@@ -31,17 +31,6 @@ NO_LABEL = -1
 # The entries a training sample needs; the .json attributes are not even copied out of the shard unless the
 # label comes from them.
 SAMPLE_ENTRIES = frozenset({"png", "jpg", "jpeg", "webp", "cls"})
-
-
-def parse_label_key(label_key: str) -> tuple[str, Optional[str]]:
-    """``cls`` | ``json:ATTRIBUTE`` | ``txt`` -> (entry, attribute)."""
-    entry, _, attribute = label_key.partition(":")
-    if entry == "json" and attribute:
-        return entry, attribute
-    if entry in ("cls", "txt") and not attribute:
-        return entry, None
-    raise ValueError(f"data.label_key={label_key!r}: use cls, json:ATTRIBUTE (e.g. json:label) or txt (matched "
-                     "against the class names)")
 
 
 class ShardStream(IterableDataset):
@@ -184,15 +173,11 @@ class ShardStream(IterableDataset):
         return fit_to_size(image, self.image_size, self.resize, self._crop_rng)
 
     def _label(self, sample: dict) -> int:
-        if self.label_entry not in sample:
+        value = read_label(sample, self.label_entry, self.label_attribute)
+        if value is None:
             return NO_LABEL
-        raw = sample[self.label_entry]
-        if self.label_entry == "json":
-            value = json.loads(raw)[self.label_attribute]
-        else:
-            value = raw.decode("utf-8").strip() if isinstance(raw, (bytes, bytearray)) else str(raw).strip()
-        if isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit()):
-            return int(value)
+        if isinstance(value, int):
+            return value
         if value in self.class_index:
             return self.class_index[value]
         raise ValueError(f"label {value!r} ({self.label_entry}) is neither a class index nor one of the class names "
