@@ -1,13 +1,13 @@
 """Shards from anywhere: ``http(s)://`` and ``s3://`` URLs read through fsspec (s3fs for S3), and ``pipe:CMD``
 shards (a shell command's standard output, the WebDataset way), with the retries a stream to many nodes needs.
 
-An HTTP shard is one streamed GET; S3 objects are read by s3fs in blocks, one range request each
-(``READ_BLOCK``), and S3-compatible stores are reached through ``AWS_ENDPOINT_URL`` and the usual credential
-chain. What fsspec does not do is retry: one dropped connection or 503 in the middle of a 1 GB shard would end a
-64-GPU run. ``RetryingReader`` re-opens the file at the byte it had reached, with exponential backoff and jitter,
-up to ``retries`` times, then fails naming the URL. A read that stalls past ``timeout`` seconds is such a failure,
-never a hang. 401/403/404 are not retried: the message names the URL, the endpoint and where credentials come
-from, never a secret. A ``pipe:`` command that fails (exits non-zero) or stalls is restarted the same way,
+An HTTP shard is one streamed GET, an S3 object one streamed GetObject (through s3fs's client: S3-compatible
+stores are reached through ``AWS_ENDPOINT_URL`` and the usual credential chain). What fsspec does not do is
+retry: one dropped connection or 503 in the middle of a 1 GB shard would end a 64-GPU run. ``RetryingReader``
+re-opens the file at the byte it had reached, with exponential backoff and jitter, up to ``retries`` times, then
+fails naming the URL. A read that stalls past ``timeout`` seconds is such a failure, never a hang. 401/403/404
+are not retried: the message names the URL, the endpoint and where credentials come from, never a secret. A
+``pipe:`` command that fails (exits non-zero) or stalls is restarted the same way,
 skipping the bytes already read.
 """
 
@@ -148,9 +148,7 @@ class RetryingReader(io.RawIOBase):
             if self.position:
                 self.file.seek(self.position)
         elif self.url.startswith("s3://"):
-            self.file = filesystem(self.url, self.timeout).open(self.url, "rb")
-            if self.position:
-                self.file.seek(self.position)
+            self.file = S3Stream(filesystem(self.url, self.timeout), self.url, self.position)
         else:
             self.file = self._open_http_stream()
 
@@ -206,6 +204,26 @@ class RetryingReader(io.RawIOBase):
     def close(self) -> None:
         self.close_file()
         super().close()
+
+
+class S3Stream:
+    """An S3 object from a byte offset as one streamed GetObject, through s3fs's client (its credentials,
+    endpoint and timeouts); s3fs's own files read blocks of ``READ_BLOCK``, one request each."""
+
+    def __init__(self, fs: Any, url: str, position: int) -> None:
+        from fsspec.asyn import sync
+
+        bucket, key, version = fs.split_path(url)
+        request = {"Bucket": bucket, "Key": key, **({"VersionId": version} if version else {}),
+                   **({"Range": f"bytes={position}-"} if position else {})}
+        self._sync, self._loop = sync, fs.loop
+        self.body = sync(fs.loop, fs._call_s3, "get_object", **request)["Body"]
+
+    def read(self, n: int) -> bytes:
+        return self._sync(self._loop, self.body.read, n)
+
+    def close(self) -> None:
+        self.body.close()
 
 
 class PipeFile:
