@@ -26,7 +26,7 @@ from typing import Any, Iterator, Optional
 from urllib.parse import urlsplit, urlunsplit
 
 REMOTE = ("http://", "https://", "s3://", "pipe:")
-READ_BLOCK = 4 << 20  # bytes per range request: big enough to stream, small enough to retry cheaply
+READ_BLOCK = 4 << 20  # block size of the files fsspec itself opens (uploads, other reads); shards are streamed
 # seconds without data before a read counts as failed, and retries per read; the environment sets them for a
 # whole job (loader workers included)
 TIMEOUT = float(os.environ.get("GENBENCH_REMOTE_TIMEOUT", "60"))
