@@ -70,13 +70,13 @@ def _unless_service_gone(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class ResilientWandbLogger(WandbLogger):
-    """A WandbLogger whose failures cannot end a training run.
+    """A WandbLogger that cannot end a training run when W&B's service process is gone.
 
     SLURM sends SIGTERM (preemption, ``scontrol requeue``, ``scancel``) to every process of the job step; W&B's
     service process exits at once, while the training process checkpoints at its next step boundary
     (pipeline/fit/preemption.py). A ``wandb.log`` in between — the metrics Lightning logs at an epoch's end —
     raised ConnectionResetError, which ended the attempt before its checkpoint was written, and the requeued job
-    started again from step 0 (CI saw it). Here the first such error turns W&B off for this process, with one
+    started again from step 0. Here the first such error turns W&B off for this process, with one
     warning; the CSV log keeps the curve.
     """
 
