@@ -95,7 +95,12 @@ class PreemptionCheckpoint(Checkpoint):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             for signum, previous in self._previous.items():
-                signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+                # Only where our handler is still the one installed. The Trainer has restored its own originals
+                # by now; putting back the handler ours replaced for SIGTERM would revive Lightning's, which
+                # broadcasts over a process group already gone: the SIGTERM that `scontrol requeue` sends after
+                # a SIGUSR1 checkpoint then printed a gloo traceback while the process exited.
+                if signal.getsignal(signum) == self._handler:
+                    signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
             self._previous = {}
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
