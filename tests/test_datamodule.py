@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from procs import children
 
 from conftest import REPO
 from pipeline.data.datamodule import ShardDataModule
@@ -181,11 +182,6 @@ def test_hflip_flips_about_half_the_training_images_deterministically(digits_sha
     assert torch.equal(val["image"], next(iter(ShardDataModule(str(digits_shards)).stream("val", False, 400)))["image"])
 
 
-def _children(pid: int) -> list[int]:
-    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
-            for c in (task / "children").read_text().split()]
-
-
 def _ignores_sigterm(pid: int, signum: int = signal.SIGTERM) -> bool:
     ignored = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigIgn"))
     return bool(int(ignored.split()[1], 16) >> (signum - 1) & 1)
@@ -198,10 +194,10 @@ def test_loader_workers_are_not_forked_from_the_training_process(digits_shards):
     dm.setup("fit")
     batches = iter(dm.train_dataloader())
     next(batches), next(batches)  # one batch from each worker: both have run their init function
-    ours = _children(os.getpid())
+    ours = children(os.getpid())
     servers = [pid for pid in ours if b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     assert len(servers) == 1 and _ignores_sigterm(servers[0])
-    workers = _children(servers[0])
+    workers = children(servers[0])
     assert len(workers) == 2 and not set(workers) & set(ours)
     assert all(_ignores_sigterm(pid) for pid in workers)
     # and the preemption warning (--signal=SIGUSR1@90), whose default action would end them mid-step

@@ -8,21 +8,20 @@ import signal
 import time
 from pathlib import Path
 
+from procs import children
 from pytorch_lightning.callbacks import Callback
 
 
 def wandb_service_pids() -> list[int]:
-    """This process's children that run wandb-core (found in /proc: the W&B client does not expose them)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except OSError:  # exited meanwhile
-            continue
-        if int(fields[1]) == os.getpid() and b"wandb" in cmdline:
-            pids.append(int(stat.parent.name))
-    return pids
+    """This process's children that run wandb-core (the W&B client does not expose them)."""
+    return [pid for pid in children(os.getpid()) if b"wandb" in _cmdline(pid)]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # exited meanwhile
+        return b""
 
 
 class KillWandbService(Callback):

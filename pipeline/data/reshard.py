@@ -108,13 +108,15 @@ class ForeignSamples:
 
     def _label(self, raw: dict) -> Optional[int]:
         value = read_label(raw, self.label_entry, self.label_attribute)
+        if value is None:
+            return None
         if isinstance(value, int):
             if self.class_names:
                 raise ValueError(f"label {value!r} is a number but earlier labels were names")
             return value
-        if value is not None and value not in self.class_names:
+        if value not in self.class_names:
             self.class_names.append(value)
-        return None if value is None else self.class_names.index(value)
+        return self.class_names.index(value)
 
 
 def reshard(pattern: str, out: str | os.PathLike, val_fraction: float = 0.1, seed: int = 0,
