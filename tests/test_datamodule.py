@@ -21,7 +21,7 @@ from procs import children
 
 from conftest import REPO
 from pipeline.data.datamodule import ShardDataModule
-from pipeline.data.shards import ShardError
+from pipeline.data.manifest import ShardError
 
 
 def _png(value: int) -> bytes:

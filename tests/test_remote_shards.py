@@ -18,7 +18,7 @@ from test_foreign_images import _bands, _encode, _write_tar
 
 from conftest import REPO
 from pipeline.data.datamodule import ShardDataModule
-from pipeline.data.shards import ShardError, load_manifest, manifest_hash
+from pipeline.data.manifest import ShardError, load_manifest, manifest_hash
 
 
 def _keys(dm: ShardDataModule, split: str) -> list[str]:

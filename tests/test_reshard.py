@@ -12,8 +12,8 @@ from test_foreign_images import _bands, _encode, _write_tar
 
 from conftest import genbench
 from pipeline.data.datamodule import ShardDataModule
+from pipeline.data.manifest import load_manifest, manifest_hash
 from pipeline.data.reshard import in_val
-from pipeline.data.shards import load_manifest, manifest_hash
 from pipeline.data.tarstream import iter_samples
 
 NAMES = ["tabby", "beagle", "heron"]

@@ -16,7 +16,7 @@ from shard_server import ShardServer
 from test_foreign_images import _bands, _encode, _write_tar
 
 from pipeline.data.datamodule import ShardDataModule
-from pipeline.data.shards import ShardError, load_manifest
+from pipeline.data.manifest import ShardError, load_manifest
 
 
 def _keys(stream) -> list[str]:

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from pipeline.data.datamodule import ShardDataModule
-from pipeline.data.shards import ShardError, load_manifest, parse_shard_size, split_indices, verify_shards, write_shards
+from pipeline.data.manifest import ShardError, load_manifest, verify_shards
+from pipeline.data.shards import parse_shard_size, split_indices, write_shards
 from pipeline.data.sources import DigitsSource, FolderSource, SourceError, open_source
 from pipeline.io import sha256_file
 
@@ -214,7 +215,7 @@ def test_torchvision_source_without_files_names_root_and_download_command(tmp_pa
 
 
 def test_preparing_the_same_data_twice_gives_the_same_checksums(tmp_path):
-    from pipeline.data.shards import manifest_hash
+    from pipeline.data.manifest import manifest_hash
 
     a = write_shards(DigitsSource(), tmp_path / "a", shard_size=700, progress=False)
     b = write_shards(DigitsSource(), tmp_path / "b", shard_size=700, progress=False)

@@ -23,9 +23,9 @@ from PIL import Image
 
 from pipeline.data.datamodule import reference_batches
 from pipeline.data.generated import IMAGES, generated_images, is_generated_set, labels_of
+from pipeline.data.manifest import load_manifest, manifest_hash
 from pipeline.data.prompts import Prompt, PromptSuiteError
 from pipeline.data.remote import public_url
-from pipeline.data.shards import load_manifest, manifest_hash
 from pipeline.data.sources import IMAGE_EXTENSIONS
 
 

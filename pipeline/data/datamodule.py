@@ -29,9 +29,10 @@ from pytorch_lightning import LightningDataModule
 from pipeline.data.imageops import RESIZE_MODES
 from pipeline.data.labels import parse_label_key
 from pipeline.data.loaders import EpochDataLoader, ignore_job_signals, loader_context
+from pipeline.data.manifest import ShardError, load_manifest, manifest_hash, shard_paths
 from pipeline.data.remote import public_url
 from pipeline.data.shard_cache import ShardCache
-from pipeline.data.shards import ShardError, load_manifest, manifest_hash, parse_bytes, shard_paths
+from pipeline.data.shards import parse_bytes
 from pipeline.data.stream import NO_LABEL, ShardStream, guaranteed_pass_samples
 
 __all__ = ["NO_LABEL", "ShardDataModule", "reference_batches"]

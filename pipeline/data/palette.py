@@ -7,7 +7,7 @@ import io
 import torch
 
 from pipeline.data.datamodule import reference_batches
-from pipeline.data.shards import load_manifest, manifest_hash
+from pipeline.data.manifest import load_manifest, manifest_hash
 from pipeline.io import atomic_write_bytes, cache_dir
 
 PALETTE_PIXELS = 200_000  # training pixels the k-means palette is fitted on

@@ -28,14 +28,8 @@ from PIL import Image
 from pipeline.console import track
 from pipeline.data import remote
 from pipeline.data.labels import parse_label_key, read_label
-from pipeline.data.shards import (
-    MANIFEST_FORMAT,
-    SPLITS,
-    ShardError,
-    SplitWriter,
-    check_prepare_options,
-    write_dataset,
-)
+from pipeline.data.manifest import MANIFEST_FORMAT, SPLITS, ShardError
+from pipeline.data.shards import SplitWriter, check_prepare_options, write_dataset
 from pipeline.data.sources import Sample, as_hwc
 from pipeline.data.tarstream import TarFormatError, group_samples, iter_members
 

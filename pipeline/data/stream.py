@@ -19,9 +19,9 @@ from torchvision.io import ImageReadMode
 
 from pipeline.data.imageops import RESIZE_MODES, decode_any, decode_png, fit_to_size
 from pipeline.data.labels import parse_label_key, read_label
+from pipeline.data.manifest import ShardError
 from pipeline.data.remote import RemoteShardError, is_remote, iter_remote_members, public_url
 from pipeline.data.shard_cache import ShardCache
-from pipeline.data.shards import ShardError
 from pipeline.data.tarstream import TarFormatError, group_samples, iter_samples
 from pipeline.seeds import stable_seed
 

@@ -80,8 +80,8 @@ class ProvenanceCallback(Callback):
     def _data(self, trainer: Any) -> dict[str, Any]:
         """Which data: the shards (URLs without credentials) and the manifest hash (for remote shards without a
         manifest, a hash over each shard's URL, size and ETag/Last-Modified as the server gave them)."""
+        from pipeline.data.manifest import load_manifest, manifest_hash, shard_paths
         from pipeline.data.remote import is_remote, public_url
-        from pipeline.data.shards import load_manifest, manifest_hash, shard_paths
 
         dm = getattr(trainer, "datamodule", None)
         manifest = dm.manifest if dm is not None and hasattr(dm, "manifest") else load_manifest(self.shards)

@@ -27,8 +27,8 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from pipeline.console import interactive
 from pipeline.data.datamodule import ShardDataModule
+from pipeline.data.manifest import MANIFEST, load_manifest
 from pipeline.data.remote import is_remote
-from pipeline.data.shards import MANIFEST, load_manifest
 from pipeline.fit.budget import BudgetError, TrainingBudget, parse_budget
 from pipeline.fit.checkpoints import LAST, RunCheckpoint, SharedCheckpointIO
 from pipeline.fit.config_errors import config_files, explain

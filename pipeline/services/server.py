@@ -142,7 +142,7 @@ def _key(opts: ServeOptions) -> Optional[str]:
 
 def build_app(opts: ServeOptions) -> web.Application:
     from pipeline.benchmark.stage import load_run_model
-    from pipeline.data.shards import load_manifest
+    from pipeline.data.manifest import load_manifest
 
     key = _key(opts)
     run_dir = Path(opts.run)
