@@ -1,6 +1,7 @@
 """A small OpenAI-images-API server for the failure paths of `genbench generate`: what it answers depends on the
-prompt (429 with Retry-After, 500, a stall, a refusal, broken base64, a wrong size, a url answer), and it
-checks the bearer key. Real HTTP on 127.0.0.1, in a thread of the test process."""
+prompt (429 with Retry-After, 500, a stall, a refusal, broken base64, a wrong size, a url answer, a url on a
+dead host, and 200s that are not images responses: an HTML page, ``{"data": []}``, another object, a list), and
+it checks the bearer key. Real HTTP on 127.0.0.1, in a thread of the test process."""
 
 from __future__ import annotations
 
@@ -34,10 +35,13 @@ class FaultServer:
             def log_message(self, *args):  # quiet
                 pass
 
-            def _send(self, status: int, body: dict | bytes, headers: dict | None = None) -> None:
-                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            def _send(self, status: int, body: dict | list | bytes | str, headers: dict | None = None) -> None:
+                data = body if isinstance(body, bytes) else body.encode() if isinstance(body, str) else \
+                    json.dumps(body).encode()
+                kind = "image/png" if isinstance(body, bytes) else "text/html" if isinstance(body, str) else \
+                    "application/json"
                 self.send_response(status)
-                self.send_header("Content-Type", "image/png" if isinstance(body, bytes) else "application/json")
+                self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(data)))
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
@@ -78,6 +82,16 @@ class FaultServer:
                     ok["data"][0]["b64_json"] = base64.b64encode(png(16)).decode()
                 if "urlonly" in prompt:
                     ok["data"] = [{"url": f"http://127.0.0.1:{server.port}/files/img.png"}]
+                if "deadurl" in prompt:  # port 9 (discard) has no listener on a test machine: refused at once
+                    ok["data"] = [{"url": "http://127.0.0.1:9/files/img.png"}]
+                if "htmlpage" in prompt:
+                    return self._send(200, "<html><body>Please log in</body></html>")
+                if "emptydata" in prompt:
+                    return self._send(200, {"created": 1, "data": []})
+                if "otherjson" in prompt:
+                    return self._send(200, {"foo": 1})
+                if "alist" in prompt:
+                    return self._send(200, [ok])
                 return self._send(200, ok)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

@@ -19,10 +19,10 @@ from typing import Any, Iterator, Optional, Protocol, Sequence, runtime_checkabl
 
 import numpy as np
 import torch
-from PIL import Image
 
 from pipeline.data.datamodule import reference_batches
 from pipeline.data.generated import IMAGES, generated_images, is_generated_set, labels_of
+from pipeline.data.imagefile import MAX_PIXELS, ImageError, load_image
 from pipeline.data.manifest import load_manifest, manifest_hash
 from pipeline.data.prompts import Prompt, PromptSuiteError
 from pipeline.data.remote import public_url
@@ -143,11 +143,14 @@ class FolderImages:
 
     ``channels`` converts on load (1: grayscale, 3: RGB) so that images from elsewhere meet the
     reference's format; ``labels`` is a CSV of ``file,label`` rows giving each image's class
-    (an index or a class name) for the conditional part of the audit.
+    (an index or a class name) for the conditional part of the audit. Images are read as
+    ``pipeline.data.imagefile.load_image`` reads them (16-bit scaled, EXIF orientation applied); a damaged one,
+    or one above ``max_pixels``, stops the benchmark naming the file: a score of the images that happened to
+    decode would not be the score of the set.
     """
 
     def __init__(self, folder: str | Path, channels: Optional[int] = None, labels: Optional[str | Path] = None,
-                 class_names: Optional[Sequence[str]] = None) -> None:
+                 class_names: Optional[Sequence[str]] = None, max_pixels: Optional[int] = MAX_PIXELS) -> None:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise ImageSourceError(f"image folder {folder} does not exist")
@@ -155,10 +158,10 @@ class FolderImages:
         if not self.files:
             raise ImageSourceError(f"{folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); "
                                    "pass a folder of images or a shard directory from genbench prepare")
-        self.num_images = len(self.files)
-        with Image.open(self.files[0]) as first:
-            self.size = first.size
-            self.channels = channels or (1 if first.mode in ("1", "L", "I", "I;16", "F") else 3)
+        self.num_images, self.max_pixels = len(self.files), max_pixels
+        first = self._read(self.files[0], channels)
+        self.size = (first.shape[1], first.shape[0])
+        self.channels = channels or first.shape[2]
         self.shape = (self.channels, self.size[1], self.size[0])
         self.label_histogram = None
         self.class_names = list(class_names) if class_names else None
@@ -211,18 +214,18 @@ class FolderImages:
     def describe(self) -> dict[str, Any]:
         return {"kind": "folder", "path": str(self.folder), "hash": self.content_hash, "num_images": self.num_images}
 
-    def _load(self, path: Path) -> torch.Tensor:
+    def _read(self, path: Path, channels: Optional[int]) -> np.ndarray:
         try:
-            with Image.open(path) as opened:
-                img = opened.convert("L" if self.channels == 1 else "RGB")
-                if img.size != self.size:
-                    raise ImageSourceError(f"{path} is {img.size[0]}x{img.size[1]} but {self.files[0]} is "
-                                           f"{self.size[0]}x{self.size[1]}; every image of a folder must have one size")
-                array = np.asarray(img, dtype=np.uint8)
-        except (OSError, SyntaxError) as e:
-            raise ImageSourceError(f"cannot decode {path} ({e}); remove or replace the file") from e
-        array = array[:, :, None] if array.ndim == 2 else array
-        return torch.from_numpy(array.copy()).permute(2, 0, 1)
+            return load_image(path, channels, self.max_pixels)
+        except ImageError as e:
+            raise ImageSourceError(f"cannot use {path}: {e}; remove or replace the file") from None
+
+    def _load(self, path: Path) -> torch.Tensor:
+        array = self._read(path, self.channels)
+        if (array.shape[1], array.shape[0]) != self.size:
+            raise ImageSourceError(f"{path} is {array.shape[1]}x{array.shape[0]} but {self.files[0]} is "
+                                   f"{self.size[0]}x{self.size[1]}; every image of a folder must have one size")
+        return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
 
     def batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
         for start, stop in batch_ranges(self.num_images, batch_size, rank, world_size):

@@ -33,3 +33,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         return commands.COMMAND_FUNCS[args.command](args, extra)
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, argparse.ArgumentError) as e:
         return commands.fail(e)
+    except KeyboardInterrupt:  # Ctrl-C: every write is atomic, so one line says it, not a traceback
+        print(f"genbench {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -67,6 +67,8 @@ def cmd_prepare(args, extra) -> int:
         print("genbench: error: prepare needs SOURCE or --from PATTERN (one of them), and --out DIR "
               "(or --verify DIR)", file=sys.stderr)
         return 2
+    if args.max_pixels < 1:
+        raise ValueError(f"--max-pixels {args.max_pixels} must be a positive number of pixels")
     options = {"val_fraction": args.val_fraction, "seed": args.seed, "shard_size": args.shard_size,
                "image_size": args.image_size, "channels": args.channels, "png_compression": args.png_compression,
                "resize_mode": args.resize}
@@ -74,10 +76,11 @@ def cmd_prepare(args, extra) -> int:
         from pipeline.data.reshard import reshard
 
         def write(out: str, overwrite: bool) -> dict:
-            return reshard(args.from_shards, out, overwrite=overwrite, label_key=args.label_key, **options)
+            return reshard(args.from_shards, out, overwrite=overwrite, label_key=args.label_key,
+                           max_pixels=args.max_pixels, **options)
     else:
         source = open_source(args.source, root=args.root, download=args.download,
-                             label_attribute=args.label_attribute)
+                             label_attribute=args.label_attribute, max_pixels=args.max_pixels)
 
         def write(out: str, overwrite: bool) -> dict:
             return write_shards(source, out, overwrite=overwrite, **options)
@@ -99,6 +102,11 @@ def _print_splits(manifest: dict, out: str) -> None:
     if skipped:
         print(f"skipped {sum(skipped.values())} sample(s) that do not decode, in {len(skipped)} shard(s) "
               f"(first: {next(iter(skipped))}); they are listed in the manifest")
+    images = manifest.get("skipped_images") or {}
+    if images:
+        first = next(iter(images))
+        print(f"skipped {len(images)} image(s) that cannot be used (first: {first}: {images[first]}); they are "
+              "listed with the reason under skipped_images in the manifest")
     print(f"wrote {out.rstrip('/')}/manifest.json")
 
 
@@ -215,6 +223,10 @@ def cmd_generate(args, extra) -> int:
     except GenerateError as e:
         print(f"genbench generate: {e}\nwhat is done is kept in {args.out}; the same command resumes", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the requests in flight were finished and recorded first
+        print(f"genbench generate: interrupted; what is done is kept in {args.out}; the same command resumes",
+              file=sys.stderr)
+        return 130
     print(f"{args.out}: {outcome.done} new image(s) in {outcome.wall_seconds:.1f} s ({outcome.skipped_existing} "
           f"already there), {outcome.refused} refused, {outcome.failed} failed, {outcome.retries} retries")
     if outcome.refused:

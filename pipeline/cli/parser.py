@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="convert every image to grayscale (1) or RGB (3) (default: keep)")
     prep.add_argument("--png-compression", type=int, default=0,
                       help="zlib level of the lossless PNGs, 0-9 (default 0: largest files, ~2.8x faster to decode)")
+    # the default is pipeline.data.imagefile.MAX_PIXELS, written out: the parser imports nothing heavy
+    prep.add_argument("--max-pixels", type=int, default=64_000_000,
+                      help="skip and list (in the manifest) images above this many pixels, read from the header "
+                           "before any pixel is decoded (default 64000000)")
     prep.add_argument("--root", default="data/torchvision", help="local root of torchvision datasets")
     prep.add_argument("--download", action="store_true", help="let torchvision download the dataset (needs internet)")
     prep.add_argument("--label-attribute", help="CelebA: use this attribute (e.g. Male) as the class label")

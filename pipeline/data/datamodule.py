@@ -26,10 +26,11 @@ from typing import Any, Iterator, Optional
 import torch
 from pytorch_lightning import LightningDataModule
 
+from pipeline.data.imagefile import MAX_PIXELS
 from pipeline.data.imageops import RESIZE_MODES
 from pipeline.data.labels import parse_label_key
 from pipeline.data.loaders import EpochDataLoader, ignore_job_signals, loader_context
-from pipeline.data.manifest import ShardError, load_manifest, manifest_hash, shard_paths
+from pipeline.data.manifest import VERIFY_MODES, ShardError, check_shards, load_manifest, manifest_hash, shard_paths
 from pipeline.data.remote import public_url
 from pipeline.data.shard_cache import ShardCache
 from pipeline.data.shards import parse_bytes
@@ -68,6 +69,11 @@ class ShardDataModule(LightningDataModule):
             disk (``pipeline.data.shard_cache``); one per node is enough, its workers and ranks share it.
         cache_size: the most the cache directory holds (``50GB``, ``500MiB`` or bytes); the least recently used
             shards make room.
+        verify: when local shards are checked against the manifest's sha256 before any sample is read:
+            ``first`` (default: hashed once, then trusted while size, mtime and inode stay the same), ``always``
+            (hashed every run) or ``never`` (sizes only). A mismatch stops before the run records the data's
+            identity (``pipeline.data.manifest.check_shards``).
+        max_pixels: a larger image is skipped and counted, never decoded (default 64 megapixels).
     """
 
     def __init__(self, shards: str, batch_size: int = 128, num_workers: int = 2, shuffle_buffer: int = 2000,
@@ -75,8 +81,13 @@ class ShardDataModule(LightningDataModule):
                  val_batch_size: Optional[int] = None, pin_memory: bool = True, image_size: Optional[int] = None,
                  channels: Optional[int] = None, resize: str = "center-crop", label_key: str = "cls",
                  val_shards: Optional[str] = None, cache_dir: Optional[str] = None,
-                 cache_size: str | int = "50GB") -> None:
+                 cache_size: str | int = "50GB", verify: str = "first", max_pixels: Optional[int] = MAX_PIXELS) -> None:
         super().__init__()
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"data.verify={verify!r}: use one of {', '.join(VERIFY_MODES)}")
+        if max_pixels is not None and max_pixels < 1:
+            raise ValueError(f"data.max_pixels={max_pixels} must be a positive number of pixels (or null: no limit)")
+        self.verify, self.max_pixels, self._verified = verify, max_pixels, False
         self.cache = ShardCache(cache_dir, parse_bytes(cache_size, "data.cache_size")) if cache_dir else None
         if resize not in RESIZE_MODES:
             raise ValueError(f"data.resize={resize!r}: use one of {', '.join(RESIZE_MODES)}")
@@ -137,9 +148,17 @@ class ShardDataModule(LightningDataModule):
         return 0, 1
 
     def setup(self, stage: Optional[str] = None) -> None:
-        self.manifest  # noqa: B018 -- read now: a missing shard fails before any worker starts
+        # read and checked now: a missing or changed shard fails before any worker starts or run.json is written
+        self.check()
+
+    def check(self) -> None:
+        """The manifest read, and the shards' bytes checked against it (``verify``), once per data module."""
+        if not self._verified:
+            check_shards(self.shards, self.manifest, self.verify)
+            self._verified = True
 
     def stream(self, split: str, train: bool, batch_size: int, rank: int = 0, world_size: int = 1) -> ShardStream:
+        self.check()
         info = self.split_info(split)
         batches = None
         if train:
@@ -163,7 +182,7 @@ class ShardDataModule(LightningDataModule):
                            shuffle_buffer=self.shuffle_buffer, hflip=self.hflip and train, expected_counts=counts,
                            resize=self.resize, label_key=self.label_key,
                            class_names=list(self.manifest.get("class_names") or []), cache=self.cache,
-                           identities=identities)
+                           identities=identities, max_pixels=self.max_pixels)
 
     def _loader(self, stream: ShardStream, epoch_fn=None) -> EpochDataLoader:
         workers = {"multiprocessing_context": loader_context(), "worker_init_fn": ignore_job_signals} \

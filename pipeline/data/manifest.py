@@ -16,15 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-import numpy as np
-from PIL import Image
-
 from pipeline.console import track
 from pipeline.data import remote
+from pipeline.data.imagefile import ImageError, load_image
+from pipeline.io import cache_dir, sha256_file
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "genbench-shards/1"
 SPLITS = ("train", "val")
+# data.verify: when a local shard's bytes are checked against the manifest's sha256 before they are used
+VERIFY_MODES = ("first", "always", "never")
 
 
 class ShardError(RuntimeError):
@@ -32,13 +33,12 @@ class ShardError(RuntimeError):
 
 
 def _image_shape(data: bytes) -> tuple[int, int, int] | None:
-    """(H, W, C) of an encoded image, or None if it does not decode (a corrupt sample is not a corrupt tar)."""
+    """(H, W, C) of an encoded image as the loader reads it, or None if it cannot be used (a corrupt or huge
+    sample is not a corrupt tar)."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            arr = np.asarray(im)
-    except OSError:
+        return load_image(io.BytesIO(data)).shape
+    except ImageError:
         return None
-    return arr.shape[0], arr.shape[1], 1 if arr.ndim == 2 else arr.shape[2]
 
 
 class TarSummary(NamedTuple):
@@ -251,3 +251,38 @@ def shard_paths(directory: str | os.PathLike, manifest: dict, split: str) -> lis
         return [manifest["prefix"] + f for f in files]
     return [f if remote.is_remote(f) else str(Path(directory) / f) for f in files]
 
+
+
+def check_shards(directory: str | os.PathLike, manifest: dict, mode: str = "first") -> None:
+    """Raise ``ShardError`` for the first local shard whose bytes are not those the manifest's sha256 names, so
+    that nothing trains on, scores or records the identity of data it does not have.
+
+    ``first``: a shard is hashed the first time it is seen, and then trusted while its path, size, modification
+    time and inode stay the same (a marker under the cache directory, like git's index): any write to it, a
+    copy over it or a new file in its place is caught, bit rot on an untouched file is not. ``always``: every
+    shard is hashed every time (at ~1 GB/s). ``never``: sizes only (``load_manifest`` compares them always).
+    Shards without a recorded sha256 (remote ones, which carry their ETag) are not hashed here.
+    """
+    if mode not in VERIFY_MODES:
+        raise ValueError(f"data.verify={mode!r}: use one of {', '.join(VERIFY_MODES)}")
+    if mode == "never" or "prefix" in manifest or remote.is_remote(str(directory)):
+        return
+    for info in manifest["splits"].values():
+        for shard in info["shards"]:
+            expected = shard.get("sha256")
+            if not expected or remote.is_remote(shard["file"]):
+                continue
+            file = Path(directory) / shard["file"]
+            stat = file.stat()
+            marker = cache_dir() / "verified-shards" / hashlib.sha256(
+                f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{expected}".encode()).hexdigest()
+            if mode == "first" and marker.exists():
+                continue
+            actual = sha256_file(file)
+            if actual != expected:
+                raise ShardError(f"shard {file} has sha256 {actual[:16]}... but the manifest says {expected[:16]}...: "
+                                 "its bytes changed after genbench prepare wrote it. Restore the shard, or recreate "
+                                 f"the directory with genbench prepare; genbench prepare --verify {directory} lists "
+                                 "every shard that differs")
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()

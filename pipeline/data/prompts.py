@@ -91,9 +91,16 @@ def load_prompts(path: str | Path) -> PromptSuite:
     if not path.is_file():
         raise PromptSuiteError(f"prompt suite {path} does not exist; see prompts/ for the shipped suites")
     data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # (a byte-order mark, as some editors write, is not part of the text)
+    except UnicodeDecodeError as e:
+        row = data[:e.start].count(b"\n") + 1
+        column = e.start - data.rfind(b"\n", 0, e.start)
+        raise PromptSuiteError(f"{path}:{row}:{column}: byte 0x{data[e.start]:02x} is not UTF-8; save the suite as "
+                               "UTF-8 (iconv -f latin1 -t utf-8 converts a Latin-1 file)") from None
     entries: list[tuple[Any, str]] = []
     if path.suffix == ".jsonl":
-        for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        for number, line in enumerate(text.splitlines(), 1):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             try:
@@ -102,7 +109,7 @@ def load_prompts(path: str | Path) -> PromptSuite:
                 raise PromptSuiteError(f"{path}:{number}: not valid JSON ({e.msg}); one object per line") from e
     else:
         try:
-            loaded = yaml.safe_load(data)
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise PromptSuiteError(f"{path}: not valid YAML ({e})") from e
         if not isinstance(loaded, list):

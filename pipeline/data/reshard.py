@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
-from PIL import Image
 
 from pipeline.console import track
 from pipeline.data import remote
+from pipeline.data.imagefile import MAX_PIXELS, load_image
 from pipeline.data.labels import parse_label_key, read_label
 from pipeline.data.manifest import MANIFEST_FORMAT, SPLITS, ShardError
 from pipeline.data.shards import SplitWriter, check_prepare_options, write_dataset
-from pipeline.data.sources import Sample, as_hwc
+from pipeline.data.sources import Sample
 from pipeline.data.tarstream import TarFormatError, group_samples, iter_members
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,8 @@ class ForeignSamples:
     """The samples of a foreign corpus as ``Sample``s, one streaming pass; ``class_names`` and ``skipped`` fill
     in as it goes."""
 
-    def __init__(self, shards: list[str], label_key: str = "cls") -> None:
-        self.shards = shards
+    def __init__(self, shards: list[str], label_key: str = "cls", max_pixels: Optional[int] = MAX_PIXELS) -> None:
+        self.shards, self.max_pixels = shards, max_pixels
         self.label_entry, self.label_attribute = parse_label_key(label_key)
         self.class_names: list[str] = []
         self.skipped: Counter = Counter()  # undecodable samples per shard
@@ -85,8 +85,7 @@ class ForeignSamples:
     def _sample(self, raw: dict, shard: str) -> Optional[Sample]:
         try:
             data = next(raw[k] for k in IMAGE_ENTRIES if k in raw)
-            with Image.open(io.BytesIO(data)) as im:
-                image = as_hwc(im)  # any mode -> L or RGB
+            image = load_image(io.BytesIO(data), max_pixels=self.max_pixels)  # any mode -> L or RGB, or ImageError
             attributes = json.loads(raw["json"]) if "json" in raw else {}
             label = self._label(raw)
         except Exception as e:  # a damaged or imageless sample: skipped and counted, as the data module does
@@ -116,14 +115,14 @@ class ForeignSamples:
 def reshard(pattern: str, out: str | os.PathLike, val_fraction: float = 0.1, seed: int = 0,
             shard_size: str | int = 10000, image_size: Optional[int] = None, png_compression: int = 0,
             overwrite: bool = False, progress: bool = True, channels: Optional[int] = None,
-            resize_mode: str = "center-crop", label_key: str = "cls") -> dict:
+            resize_mode: str = "center-crop", label_key: str = "cls", max_pixels: Optional[int] = MAX_PIXELS) -> dict:
     """Write the corpus at ``pattern`` as genbench shards + manifest.json into ``out``; returns the manifest."""
     check_prepare_options(out, overwrite, png_compression, channels, resize_mode)
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"--val-fraction {val_fraction} must be in [0, 1)")
     shards = expand_shards(pattern)
     shown = remote.public_url(pattern) if remote.is_remote(pattern) else pattern
-    samples = ForeignSamples(shards, label_key)
+    samples = ForeignSamples(shards, label_key, max_pixels)
     manifest: dict = {
         "format": MANIFEST_FORMAT, "source": f"shards:{shown}",
         "prepare": {"val_fraction": val_fraction, "seed": seed, "shard_size": str(shard_size),

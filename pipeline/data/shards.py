@@ -28,6 +28,7 @@ from PIL import Image
 
 from pipeline.console import track
 from pipeline.data import remote
+from pipeline.data.imagefile import ImageError
 from pipeline.data.imageops import fit_to_size
 from pipeline.data.manifest import MANIFEST, MANIFEST_FORMAT, ShardError
 from pipeline.data.sources import Sample, Source
@@ -118,6 +119,9 @@ def write_shards(source: Source, out: str | os.PathLike, val_fraction: float = 0
                  resize_mode: str = "center-crop") -> dict:
     """Write ``source`` as train/val WebDataset shards + manifest.json into ``out``; returns the manifest.
 
+    An image the source cannot use (damaged, or above its pixel limit) is skipped and listed with the reason
+    under the manifest's ``skipped_images``.
+
     Everything is written into a temporary sibling directory that is renamed to ``out`` at the end, so an
     interrupted prepare never leaves a half-written dataset behind. ``image_size`` resizes every image to a
     square of that size (``resize_mode``: ``center-crop``, the default, or ``stretch``), ``channels`` converts
@@ -137,15 +141,27 @@ def write_shards(source: Source, out: str | os.PathLike, val_fraction: float = 0
         "splits": {},
     }
 
+    skipped: dict[str, str] = {}
+
     def fill(directory: Path) -> None:
         for split, indices in split_indices(len(source), val_fraction, seed).items():
             if len(indices) == 0:
                 continue
             writer = SplitWriter(directory, split, shard_size, image_size, png_compression, channels, resize_mode)
             for index in track(indices, f"prepare {split}", "img", enabled=progress):
-                sample = source[int(index)]
+                try:
+                    sample = source[int(index)]
+                except ImageError as e:
+                    skipped[source.describe(int(index))] = str(e)
+                    continue
                 writer.add(int(index), sample, _sample_name(source, int(index), sample.attributes))
-            manifest["splits"][split] = writer.finish()
+            if writer.counts:  # (a split of only skipped images has no shard open)
+                manifest["splits"][split] = writer.finish()
+            elif split == "train":
+                raise ValueError(f"{source.name}: no usable image for the train split ({len(skipped)} skipped, "
+                                 f"first {next(iter(skipped))}: {next(iter(skipped.values()))})")
+        if skipped:  # only when there are: data without any keeps the identity it had
+            manifest["skipped_images"] = dict(sorted(skipped.items()))
 
     return write_dataset(out, manifest, fill, overwrite)
 

@@ -14,6 +14,8 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image
 
+from pipeline.data.imagefile import MAX_PIXELS, load_image
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 TORCHVISION_DATASETS = ("CIFAR10", "MNIST", "FashionMNIST", "CelebA")
 
@@ -40,7 +42,12 @@ class Source:
         raise NotImplementedError
 
     def __getitem__(self, index: int) -> Sample:
+        """The sample; raises ``pipeline.data.imagefile.ImageError`` for one that cannot be used (``prepare``
+        skips it and lists it in the manifest under ``describe(index)``)."""
         raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        return f"sample {index}"
 
 
 def as_hwc(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -78,22 +85,33 @@ class DigitsSource(Source):
 
 
 class FolderSource(Source):
-    """An image folder: one subfolder per class (labels from the sorted folder names), or flat (no labels)."""
+    """An image folder: one subfolder per class (labels from the sorted folder names), or flat (no labels).
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    Images are read as ``pipeline.data.imagefile.load_image`` reads them: 16-bit ones scaled by their bit depth,
+    EXIF orientation applied, one above ``max_pixels`` (or damaged) raising ``ImageError``."""
+
+    def __init__(self, root: str | os.PathLike, max_pixels: Optional[int] = MAX_PIXELS) -> None:
         self.root = Path(root)
         self.name = f"folder:{self.root}"
+        self.max_pixels = max_pixels
         if not self.root.is_dir():
             raise SourceError(f"image folder {self.root} does not exist or is not a directory")
         subdirs = sorted(p for p in self.root.iterdir() if p.is_dir())
+        top = sorted(f for f in self.root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
         files: list[tuple[Path, Optional[int]]] = []
         if subdirs:
+            if top:  # they have no class: dropping them would lose data, guessing one would mislabel it
+                names = ", ".join(f.name for f in top[:5]) + (f" and {len(top) - 5} more" if len(top) > 5 else "")
+                raise SourceError(
+                    f"image folder {self.root} has class subfolders ({', '.join(p.name for p in subdirs[:5])}) "
+                    f"and {len(top)} image(s) beside them with no class: {names}; move each into its class's "
+                    "subfolder (or remove it), or give a folder of only images for unlabelled data")
             self.class_names = [p.name for p in subdirs]
             for label, d in enumerate(subdirs):
                 files += [(f, label) for f in sorted(d.rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS]
         else:
             self.class_names = []
-            files = [(f, None) for f in sorted(self.root.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
+            files = [(f, None) for f in top]
         if not files:
             raise SourceError(
                 f"image folder {self.root} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
@@ -106,12 +124,10 @@ class FolderSource(Source):
 
     def __getitem__(self, index: int) -> Sample:
         path, label = self.files[index]
-        try:
-            with Image.open(path) as im:
-                image = as_hwc(im)
-        except OSError as e:
-            raise SourceError(f"cannot read image {path}: {e}; remove or replace the file") from e
-        return Sample(image, label, {"source_id": str(path.relative_to(self.root))})
+        return Sample(load_image(path, max_pixels=self.max_pixels), label, {"source_id": self.describe(index)})
+
+    def describe(self, index: int) -> str:
+        return str(self.files[index][0].relative_to(self.root))
 
 
 class TorchvisionSource(Source):
@@ -166,12 +182,12 @@ class TorchvisionSource(Source):
 
 
 def open_source(spec: str, root: Optional[str] = None, download: bool = False,
-                label_attribute: Optional[str] = None) -> Source:
+                label_attribute: Optional[str] = None, max_pixels: Optional[int] = MAX_PIXELS) -> Source:
     """Parse a source spec: ``digits``, ``folder:PATH`` or ``torchvision:NAME``."""
     if spec == "digits":
         return DigitsSource()
     if spec.startswith("folder:"):
-        return FolderSource(spec.split(":", 1)[1])
+        return FolderSource(spec.split(":", 1)[1], max_pixels)
     if spec.startswith("torchvision:"):
         return TorchvisionSource(spec.split(":", 1)[1], root or "data/torchvision", download=download,
                                  label_attribute=label_attribute)

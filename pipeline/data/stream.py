@@ -15,9 +15,9 @@ from typing import Any, Iterator, Optional
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode
 
-from pipeline.data.imageops import RESIZE_MODES, decode_any, decode_png, fit_to_size
+from pipeline.data.imagefile import MAX_PIXELS, decode_tensor
+from pipeline.data.imageops import RESIZE_MODES, fit_to_size
 from pipeline.data.labels import parse_label_key, read_label
 from pipeline.data.manifest import ShardError
 from pipeline.data.remote import RemoteShardError, is_remote, iter_remote_members, public_url
@@ -41,7 +41,8 @@ class ShardStream(IterableDataset):
                  batches_per_rank: Optional[int] = None, shuffle_buffer: int = 2000, hflip: bool = False,
                  expected_counts: Optional[dict[str, int]] = None, resize: str = "center-crop",
                  label_key: str = "cls", class_names: Optional[list[str]] = None,
-                 cache: Optional[ShardCache] = None, identities: Optional[dict[str, dict]] = None) -> None:
+                 cache: Optional[ShardCache] = None, identities: Optional[dict[str, dict]] = None,
+                 max_pixels: Optional[int] = MAX_PIXELS) -> None:
         super().__init__()
         if not paths:
             raise ShardError("no shards to read")
@@ -66,6 +67,8 @@ class ShardStream(IterableDataset):
         self.identities = identities or {}  # per shard path: its manifest entry (sha256, or ETag/size)
         self.epoch = 0  # set by EpochDataLoader before each epoch's workers start
         self.skipped: Counter = Counter()  # corrupt samples per shard, in this process
+        self._reported = 0  # of them, those already counted in a batch's "skipped"
+        self.max_pixels = max_pixels  # larger images are skipped and counted, never decoded
 
     # -- who am I ---------------------------------------------------------------------------------
     def _consumer(self) -> tuple[int, int, int, int]:
@@ -161,14 +164,11 @@ class ShardStream(IterableDataset):
             yield image, label, sample["__key__"]
 
     def _decode_image(self, sample: dict) -> torch.Tensor:
-        mode = ImageReadMode.GRAY if self.channels == 1 else ImageReadMode.RGB
-        if "png" in sample:
-            image = decode_png(torch.frombuffer(bytearray(sample["png"]), dtype=torch.uint8), mode.value, False)
-        else:
-            data = next((sample[k] for k in ("jpg", "jpeg", "webp") if k in sample), None)
-            if data is None:
-                raise ValueError(f"no image entry (has {sorted(k for k in sample if not k.startswith('__'))})")
-            image = decode_any(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode.value, False)
+        data = next((sample[k] for k in ("png", "jpg", "jpeg", "webp") if k in sample), None)
+        if data is None:
+            raise ValueError(f"no image entry (has {sorted(k for k in sample if not k.startswith('__'))})")
+        # a damaged PNG raises here instead of crashing the worker in libpng (pipeline.data.imagefile)
+        image = decode_tensor(data, self.channels, self.max_pixels)
         # other tools' corpora hold every size: fitted here, on the loader workers
         return fit_to_size(image, self.image_size, self.resize, self._crop_rng)
 
@@ -188,8 +188,11 @@ class ShardStream(IterableDataset):
         if self.hflip:
             flip = torch.rand(len(items), generator=rng) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        # the corrupt samples this worker skipped since its last batch: the run adds them up (run.json)
+        skipped = sum(self.skipped.values())
+        new, self._reported = skipped - self._reported, skipped
         return {"image": images, "label": torch.tensor([it[1] for it in items], dtype=torch.long),
-                "key": [it[2] for it in items]}
+                "key": [it[2] for it in items], "skipped": new}
 
     def _batches(self, items: Iterator, rng: torch.Generator) -> Iterator[dict[str, Any]]:
         batch = []

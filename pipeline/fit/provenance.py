@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -18,6 +19,8 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from pipeline.io import atomic_write_json
 from pipeline.models.base import GenerativeModule
+
+log = logging.getLogger(__name__)
 
 PACKAGES = ("genbench", "torch", "torchvision", "pytorch-lightning", "torchmetrics", "torch-fidelity",
             "webdataset", "wandb", "numpy", "scipy", "scikit-learn", "jsonargparse")
@@ -76,6 +79,9 @@ class ProvenanceCallback(Callback):
         self.budget = {"budget": config.run.budget, "evaluate_every": config.run.evaluate_every}
         self.record: dict[str, Any] = {}
         self._t0 = 0.0
+        # corrupt samples the loaders skipped (each batch says how many since its worker's last), this rank
+        self._skipped = {"train": 0, "val": 0}
+        self._skipped_before: dict[str, int] = {}  # the earlier attempts' counts (run.json)
 
     def _data(self, trainer: Any) -> dict[str, Any]:
         """Which data: the shards (URLs without credentials) and the manifest hash (for remote shards without a
@@ -86,16 +92,35 @@ class ProvenanceCallback(Callback):
         dm = getattr(trainer, "datamodule", None)
         manifest = dm.manifest if dm is not None and hasattr(dm, "manifest") else load_manifest(self.shards)
         out: dict[str, Any] = {"shards": public_url(self.shards) if is_remote(self.shards) else self.shards,
-                               "manifest_hash": manifest_hash(manifest)}
+                               "manifest_hash": manifest_hash(manifest),
+                               # how far the bytes were checked against that identity (data.verify)
+                               "verify": getattr(dm, "verify", None)}
         if is_remote(self.shards):
             out["shard_urls"] = {split: [public_url(p) for p in shard_paths(self.shards, manifest, split)]
                                  for split in manifest["splits"]}
         return out
 
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._skipped["train"] += batch.get("skipped", 0) if isinstance(batch, dict) else 0
+
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._skipped["val"] += batch.get("skipped", 0) if isinstance(batch, dict) else 0
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # every rank is here (a collective): the record counts all ranks' skips, not rank 0's share
+        counts = torch.tensor([self._skipped["train"], self._skipped["val"]], dtype=torch.float64,
+                              device=pl_module.device)
+        if trainer.world_size > 1:
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        self._skipped = {"train": int(counts[0].item()), "val": int(counts[1].item())}
+
     @rank_zero_only
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._t0 = time.time()
         previous = self._read()
+        self._skipped_before = previous.get("data", {}).get("skipped_samples") or {"train": 0, "val": 0}
         self.record = {
             "run_id": self.run_dir.name,
             "status": "running",
@@ -153,6 +178,12 @@ class ProvenanceCallback(Callback):
             **self.budget,
             "cost": pl_module.cost() if isinstance(pl_module, GenerativeModule) else None,
         })
+        skipped = {split: self._skipped_before.get(split, 0) + n for split, n in self._skipped.items()}
+        self.record["data"]["skipped_samples"] = skipped  # all attempts; rank 0's share when a run fails
+        if any(self._skipped.values()):
+            log.warning("the loaders skipped %d corrupt train and %d val sample(s) in this attempt (the first of each "
+                        "shard is named in a warning above); genbench prepare --verify %s checks the shards",
+                        self._skipped["train"], self._skipped["val"], self.shards)
         if error:
             self.record["error"] = error
         atomic_write_json(self.run_dir / "run.json", self.record)

@@ -152,7 +152,11 @@ def _downloader(opts: GenerateOptions):
                           follow_redirects=True)
 
     def download(url: str) -> bytes:
-        response = client.get(url)
+        try:
+            response = client.get(url)
+        except httpx.HTTPError as e:  # a dead host, a refused or dropped connection: this image failed
+            raise ValueError(f"downloading the image URL {public_url(url)} failed after {opts.max_retries} "
+                             f"retries ({type(e).__name__}: {e})") from None
         if response.status_code != 200:
             raise ValueError(f"downloading the image URL {public_url(url)} answered {response.status_code}")
         return response.content
@@ -171,6 +175,9 @@ def _check_same_set(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
 
     path = out / GENERATION_FILE
     if not path.exists():
+        if any((out / META).glob("*.jsonl")):  # from a run killed before it wrote its settings: whose?
+            raise GenerateError(f"{out} holds generated images but no {GENERATION_FILE}, so what made them is not "
+                                "known; pass another --out (or remove this one)")
         return {}
     old = json.loads(path.read_text())
     for key in ("api_base", "model", "size", "quality"):
@@ -200,6 +207,10 @@ def generate(opts: GenerateOptions) -> Outcome:
     outcome = Outcome(requested=len(todo),
                       skipped_existing=len(suite.prompts) * opts.images_per_prompt - len(todo))
     (out / IMAGES).mkdir(parents=True, exist_ok=True)
+    # the settings first: a run killed at any point leaves a set that says what made it (and a run with another
+    # --model into the same --out is refused), never images of unknown origin
+    _write_generation(out, settings, old, Outcome(), opts)
+    old = _check_same_set(out, settings)
     client = _client(opts, key)  # before the clock starts: importing the SDK takes seconds, once
     http, download = _downloader(opts)
     bar = progress(len(todo), f"generate {opts.model}", "img", enabled=opts.progress)
@@ -220,7 +231,7 @@ def generate(opts: GenerateOptions) -> Outcome:
         try:
             raw = client.images.with_raw_response.generate(**kwargs)
             retries = raw.retries_taken
-            response = raw.parse()
+            response = _images_response(raw, opts)
             png = _decode(response.data[0], expected, download)
             # renamed into place (atomic for readers and against a killed process), not fsynced: a power cut may
             # cost a rerun the last few images, which it requests again
@@ -239,6 +250,9 @@ def generate(opts: GenerateOptions) -> Outcome:
         except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError,
                 openai.UnprocessableEntityError) as e:
             fatal.append(GenerateError(_status_text(opts, e, key, from_env)))
+            return
+        except GenerateError as e:  # not an images API at all (an HTML page, another JSON): every prompt would fail
+            fatal.append(GenerateError(redact(str(e), key)))
             return
         except (openai.APIStatusError, openai.APIConnectionError, ValueError) as e:
             # retries spent (429/5xx/timeouts/dropped connections) or a bad image: this image failed, others go on
@@ -272,6 +286,32 @@ def generate(opts: GenerateOptions) -> Outcome:
     if fatal:
         raise fatal[0]
     return outcome
+
+
+def _images_response(raw: Any, opts: GenerateOptions) -> Any:
+    """The parsed images response of a 200, checked: ``GenerateError`` when the body is not the images API's
+    (an HTML login page, another JSON: the wrong --api-base), ``ValueError`` (a failed image, asked again next
+    run) when it is but holds no image."""
+    import openai.types
+
+    url = f"{public_url(opts.api_base).rstrip('/')}/images/generations"
+    http = raw.http_response
+    try:
+        body = http.json()
+    except ValueError:
+        kind = http.headers.get("content-type", "no content type")
+        raise GenerateError(f"{url} answered 200 with {kind}, not the JSON of an images API "
+                            f"({http.text[:80]!r}); check --api-base (it ends in /v1)") from None
+    if not isinstance(body, dict) or "data" not in body or not isinstance(body["data"], list):
+        shape = f"an object with {sorted(body)[:5]}" if isinstance(body, dict) else f"a JSON {type(body).__name__}"
+        raise GenerateError(f"{url} answered 200 with {shape}, not an images response ({{\"data\": [...]}}); "
+                            "check --api-base (it ends in /v1)")
+    if not body["data"] or not isinstance(body["data"][0], dict):
+        raise ValueError(f"{url} answered 200 with no image in its data ({str(body['data'])[:60]})")
+    response = raw.parse()
+    if not isinstance(response, openai.types.ImagesResponse):
+        raise GenerateError(f"{url} answered 200 with {type(response).__name__}, not an images response")
+    return response
 
 
 def _postfix(bar: Any, text: str) -> None:
