@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, genbench
-from pipeline.fit.train import ConfigError, check_model_fits_data, resolve
+from pipeline.fit.train import ConfigError, resolve
+from pipeline.fit.validate import check_model_fits_data
 
 VAE = str(REPO / "experiments" / "digits" / "vae.yaml")
 

@@ -27,7 +27,8 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from pipeline.console import interactive
 from pipeline.data.datamodule import ShardDataModule
-from pipeline.data.manifest import MANIFEST, load_manifest
+from pipeline.data.imagefile import MAX_PIXELS
+from pipeline.data.manifest import MANIFEST, ShardError
 from pipeline.data.remote import is_remote
 from pipeline.fit.budget import BudgetError, TrainingBudget, parse_budget
 from pipeline.fit.checkpoints import LAST, RunCheckpoint, SharedCheckpointIO
@@ -37,6 +38,7 @@ from pipeline.fit.preemption import PreemptionCheckpoint, allocation_problem, re
 from pipeline.fit.progress import LineProgressBar
 from pipeline.fit.provenance import ProvenanceCallback
 from pipeline.fit.tracking import SERVICE_GONE, ContinuingCSVLogger, ResilientWandbLogger, wandb_mode
+from pipeline.fit.validate import ConfigError, check_epoch_length, check_model_fits_data, check_numbers, check_schedule
 from pipeline.io import atomic_write_text
 from pipeline.models.base import GenerativeModule
 
@@ -61,14 +63,14 @@ class DryRun(Exception):
         self.config, self.config_yaml, self.run_dir = config, config_yaml, run_dir
 
 
-class ConfigError(ValueError):
-    """A config that does not fit the data, found before any work."""
-
-
 def config_hash(config: Namespace) -> str:
     """What is trained: the config less the groups that do not change it and the schedule's length."""
     data = {k: v for k, v in config.as_dict().items() if k not in NON_TRAINING_GROUPS}
     data["trainer"] = {k: v for k, v in (data.get("trainer") or {}).items() if k not in SCHEDULE_KEYS}
+    init = (data.get("data") or {}).get("init_args") or {}
+    init.pop("verify", None)  # how far the bytes are checked, not which are trained on
+    if init.get("max_pixels") == MAX_PIXELS:  # the default: runs made before the option keep their names
+        init.pop("max_pixels")
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -107,42 +109,6 @@ def ensure_shards(data_config: Namespace, prepare: Namespace) -> None:
     write_shards(open_source(prepare.source, root=prepare.root), shards, val_fraction=prepare.val_fraction,
                  seed=prepare.seed, shard_size=prepare.shard_size, image_size=prepare.image_size,
                  png_compression=prepare.png_compression, channels=prepare.channels, resize_mode=prepare.resize)
-
-
-def check_model_fits_data(config: Namespace) -> None:
-    """Image size, channels and classes of the model against the shards' manifest, with the fix."""
-    model = config.model.init_args
-    manifest = load_manifest(config.data.init_args.shards, config.data.init_args.get("val_shards"))
-    train = manifest["splits"].get("train")
-    if train is None:
-        raise ConfigError(f"{config.data.init_args.shards} has no train split")
-    data = config.data.init_args
-    # the data module fits every image to data.image_size / data.channels when they are set
-    h, w = (data.get("image_size"),) * 2 if data.get("image_size") else train["image_size"]
-    channels = data.get("channels") or train["channels"]
-    if (model.image_size, model.image_size) != (h, w):
-        raise ConfigError(f"model.init_args.image_size={model.image_size} but the shards in "
-                          f"{config.data.init_args.shards} hold {w}x{h} images; set image_size: {h}, or "
-                          f"data.init_args.image_size: {model.image_size} to fit them on loading")
-    if model.channels != channels:
-        raise ConfigError(f"model.init_args.channels={model.channels} but the shards hold {channels}-channel "
-                          f"images; set channels: {channels}, or data.init_args.channels: {model.channels}")
-    n_classes = len(manifest["class_names"]) or len(train["label_histogram"])
-    if model.num_classes is not None and model.num_classes != n_classes:
-        raise ConfigError(f"model.init_args.num_classes={model.num_classes} but the shards have {n_classes} classes"
-                          + ("" if n_classes else " (no labels)") + f"; set num_classes: {n_classes or 'null'}")
-
-
-def check_schedule(run_dir: Path, max_steps: Optional[int]) -> None:
-    """A run continues to a longer schedule; a shorter one than it has trained would hand its later weights to
-    the benchmark under the shorter schedule's name."""
-    info_path = run_dir / "run.json"
-    if not max_steps or max_steps < 0 or not info_path.exists():
-        return
-    trained = json.loads(info_path.read_text()).get("global_step") or 0
-    if trained > max_steps:
-        raise ConfigError(f"{run_dir} has already trained {trained} steps, more than trainer.max_steps={max_steps}; "
-                          f"continue it with a larger max_steps, or start another run with --run.name")
 
 
 def check_config_files(args: list[str]) -> None:
@@ -184,14 +150,18 @@ class GenbenchCLI(LightningCLI):
         parser.link_arguments("seed_everything", "data.init_args.seed")
 
     def before_instantiate_classes(self) -> None:
+        check_numbers(self.config)
         self.run_dir = run_directory(self.config)
         if self.config.dry_run or not self._instantiate:
             raise DryRun(self.config, self.parser.dump(self.config, skip_none=False), self.run_dir)
         problem = allocation_problem(self.config.trainer.devices) if under_slurm() else None
         if problem:
             raise ConfigError(problem)
-        ensure_shards(self.config.data, self.config.prepare)
-        check_model_fits_data(self.config)
+        try:
+            ensure_shards(self.config.data, self.config.prepare)
+            check_epoch_length(self.config, check_model_fits_data(self.config))
+        except ShardError as e:  # missing, unreachable or unreadable shards: the message says which and the fix
+            raise ConfigError(str(e)) from None
         check_schedule(self.run_dir, self.config.trainer.max_steps)
         try:
             self.budget = parse_budget(self.config.run.budget, "run.budget")
@@ -200,6 +170,17 @@ class GenbenchCLI(LightningCLI):
             raise ConfigError(str(e)) from None
         if self.budget and self.config.trainer.max_epochs is None:
             self.config.trainer.max_epochs = -1  # Lightning's default of 1000 epochs would cut a budget short
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as e:
+            # jsonargparse wraps what a model's or data module's __init__ raised (its own message names the key
+            # and the fix) under "Does not validate against any of the Union subtypes" and a namespace dump
+            cause = _innermost(e)
+            if cause is e or not isinstance(cause, (ValueError, ShardError)):
+                raise
+            raise ConfigError(str(cause)) from None
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         run_dir = self.run_dir
@@ -243,6 +224,12 @@ class GenbenchCLI(LightningCLI):
         # The run directory, loggers and checkpointing are genbench's; the rest of the trainer is the config's.
         return super().instantiate_trainer(default_root_dir=str(run_dir), logger=loggers,
                                            callbacks=user_callbacks + extra, plugins=plugins or None, **kwargs)
+
+
+def _innermost(e: BaseException) -> BaseException:
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return e
 
 
 def _as_list(value: Any) -> list:

@@ -26,7 +26,8 @@ from pipeline.benchmark.images import ShardImages
 from pipeline.benchmark.stage import checkpoint_progress, read_run_info, run_checkpoints
 from pipeline.fit.budget import parse_budget
 from pipeline.fit.checkpoints import LAST
-from pipeline.fit.train import DryRun, check_model_fits_data, config_hash, ensure_shards, resolve
+from pipeline.fit.train import DryRun, config_hash, ensure_shards, resolve
+from pipeline.fit.validate import check_model_fits_data
 
 
 @dataclass

@@ -14,7 +14,8 @@ from typing import Any, Optional
 import yaml
 from jsonargparse import ArgumentParser
 
-from pipeline.fit.train import check_model_fits_data, ensure_shards, resolve
+from pipeline.fit.train import ensure_shards, resolve
+from pipeline.fit.validate import check_model_fits_data
 from pipeline.models import FAMILIES
 
 
