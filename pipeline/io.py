@@ -3,6 +3,7 @@ file hashes and genbench's cache directory. The bottom of the house: it imports 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -77,6 +78,52 @@ def write_new_json(path: str | os.PathLike, obj: Any) -> Path:
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
+
+
+class WriteError(RuntimeError):
+    """A file that could not be written (a full disk, a quota, no permission): names the path and the cause."""
+
+
+def _write_error(path: Path, e: OSError) -> WriteError:
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    why = "the file system is full (or the quota or file size limit is reached); free space there or write " \
+        "elsewhere" if full else (e.strerror or str(e))
+    return WriteError(f"cannot write {path}: {why} [{errno.errorcode.get(e.errno or 0, e.errno)}]; nothing of "
+                      "this write was left behind")
+
+
+def write_together(files: dict[Path, bytes], new: frozenset[Path] = frozenset()) -> None:
+    """Write several files that belong together (a record and its grids; a leaderboard's md, csv and html): each
+    to a temporary name beside it, fsynced, and only when all are written, all put in place. A failure on the
+    way (a full disk) leaves none of them and raises ``WriteError`` naming the path. Paths in ``new`` must not
+    exist (``FileExistsError``, as ``write_new_json``) and are put in place first, so that a record never loses
+    the race to a concurrent writer after its files replaced that writer's."""
+    temps: dict[Path, str] = {}
+    try:
+        for path, data in files.items():
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, temps[path] = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+                shared_mode(temps[path])
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                raise _write_error(path, e) from None
+        for path in sorted(files, key=lambda p: p not in new):
+            try:
+                if path in new:
+                    os.link(temps[path], path)
+                else:
+                    os.replace(temps.pop(path), path)
+            except FileExistsError:
+                raise
+            except OSError as e:  # a directory that cannot grow by one entry
+                raise _write_error(path, e) from None
+    finally:
+        for tmp in temps.values():
+            Path(tmp).unlink(missing_ok=True)
 
 
 def cache_dir() -> Path:

@@ -225,7 +225,7 @@ class FolderImages:
         if (array.shape[1], array.shape[0]) != self.size:
             raise ImageSourceError(f"{path} is {array.shape[1]}x{array.shape[0]} but {self.files[0]} is "
                                    f"{self.size[0]}x{self.size[1]}; every image of a folder must have one size")
-        return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+        return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (a copy: PIL's arrays are read-only)
 
     def batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
         for start, stop in batch_ranges(self.num_images, batch_size, rank, world_size):

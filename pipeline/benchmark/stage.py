@@ -31,10 +31,10 @@ from pipeline.benchmark.images import (
     open_images,
 )
 from pipeline.benchmark.scoring import BenchmarkError, ScoreOptions, Scorer, cache_key, parse_metrics
-from pipeline.data.imageops import save_png
+from pipeline.data.imageops import png_bytes
 from pipeline.fit.checkpoints import LAST
 from pipeline.fit.provenance import describe_environment, now
-from pipeline.io import write_new_json
+from pipeline.io import write_together
 from pipeline.metrics import DEFAULT, DEMOGRAPHICS, PROMPT_METRICS
 
 RECORD_VERSION = 2
@@ -162,15 +162,17 @@ def _write_record(results: Path, name: str, placement: Placement, metrics: dict,
     if not placement.is_main:
         return None
     protocol["protocol_id"] = _protocol_id(protocol)
+    files: dict[Path, bytes] = {}  # written together with the record: a full disk leaves no orphaned grid
     grid = pairs = None
     if evidence["preview"]:
         images = torch.cat(evidence["preview"])[:64]
-        grid = save_png(_grid(images), results / "grids" / f"{name}.png", scale=max(1, 128 // images.shape[-1]))
+        grid = results / "grids" / f"{name}.png"
+        files[grid] = png_bytes(_grid(images), scale=max(1, 128 // images.shape[-1]))
     if evidence.get("images") is not None:
         # each row: a generated image, then its nearest training image; closest pair first
         images = evidence["images"]
-        pairs = save_png(_grid(images, nrow=2), results / "grids" / f"{name}-closest.png",
-                         scale=max(1, 64 // images.shape[-1]))
+        pairs = results / "grids" / f"{name}-closest.png"
+        files[pairs] = png_bytes(_grid(images, nrow=2), scale=max(1, 64 // images.shape[-1]))
     record = {"record_version": RECORD_VERSION, "name": name, "created": now(), **fields,
               "metrics": metrics, "skipped": skipped, "protocol": protocol,
               "benchmark_environment": describe_environment(),
@@ -178,7 +180,10 @@ def _write_record(results: Path, name: str, placement: Placement, metrics: dict,
               "closest_pairs_grid": None if pairs is None else str(pairs.relative_to(results))}
     if std is not None:
         record["metrics_std"], record["repeats"] = std, draws
-    return write_new_json(results / f"{name}.json", record)
+    path = results / f"{name}.json"
+    files[path] = (json.dumps(record, indent=2, sort_keys=True, default=str) + "\n").encode()
+    write_together(files, new=frozenset({path}))
+    return path
 
 
 def _record_name(stem: str, num_samples: int, seed: Optional[int]) -> str:

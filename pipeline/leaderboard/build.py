@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from pipeline.fit.tracking import wandb_mode
-from pipeline.io import atomic_write_text
+from pipeline.io import write_together
 from pipeline.leaderboard.html import render_html
 from pipeline.leaderboard.table import COLUMNS, budget_tables, ranked_rows, ranks
 from pipeline.leaderboard.text import render_csv, render_markdown
@@ -23,9 +23,12 @@ def build(results: str | Path, out: str | Path, wandb: str = "auto", sort: Optio
     every, _ = ranked_rows(results, sort, every_point=True)  # every budget point of every run
     tables = budget_tables(every, metric)
     out = Path(out)
-    atomic_write_text(out / "leaderboard.csv", render_csv(every, out))
-    atomic_write_text(out / "leaderboard.html", render_html(rows, metric, ranks(rows), results, out, tables, every))
-    path = atomic_write_text(out / "leaderboard.md", render_markdown(rows, metric, results, out, tables))
+    path = out / "leaderboard.md"
+    # together: a full disk leaves the previous three, never a new csv beside an old md
+    write_together({out / "leaderboard.csv": render_csv(every, out).encode(),
+                    out / "leaderboard.html": render_html(rows, metric, ranks(rows), results, out, tables,
+                                                          every).encode(),
+                    path: render_markdown(rows, metric, results, out, tables).encode()})
     log_to_wandb(rows, out, wandb)
     return path
 
