@@ -32,6 +32,7 @@ from pipeline.benchmark.images import (
 )
 from pipeline.benchmark.scoring import BenchmarkError, ScoreOptions, Scorer, cache_key, parse_metrics
 from pipeline.data.imageops import png_bytes
+from pipeline.data.remote import is_remote
 from pipeline.fit.checkpoints import LAST
 from pipeline.fit.provenance import describe_environment, now
 from pipeline.io import write_together
@@ -115,11 +116,29 @@ def load_run_model(run_dir: Path, device: str = "cpu", run_info: Optional[dict[s
             f"would credit step-{progress['global_step']} weights with step-{trained} provenance; resume the run "
             f"with genbench fit --config {config_path} to write them")
     config = yaml.safe_load(config_path.read_text())
+    _resolve_data_paths(run_dir, config)
     module, _, name = config["model"]["class_path"].rpartition(".")
     cls = getattr(importlib.import_module(module), name)
     model = cls.load_from_checkpoint(str(ckpt), map_location=device)
     model.eval()
     return model, config, progress
+
+
+def _resolve_data_paths(run_dir: Path, config: dict[str, Any]) -> None:
+    """A relative shard path in a run's config is relative to where ``genbench fit`` ran: the directory above
+    ``run.root`` (runs/<id> -> .), found from the run directory itself, so that scoring or serving a run works
+    from any directory. An absolute run.root leaves the working directory as the guess, then the run's parents."""
+    data, root = config["data"]["init_args"], Path(config.get("run", {}).get("root") or "runs")
+    here = run_dir.resolve()
+    bases = ([here.parents[len(root.parts)]] if not root.is_absolute() and len(here.parents) > len(root.parts)
+             else []) + [Path.cwd(), *here.parents]
+    for key in ("shards", "val_shards"):
+        value = data.get(key)
+        if not value or is_remote(str(value)) or Path(value).is_absolute():
+            continue
+        found = next((base / value for base in bases if (base / value).exists()), None)
+        if found is not None:
+            data[key] = str(found)
 
 
 def read_run_info(run_dir: Path) -> dict[str, Any]:

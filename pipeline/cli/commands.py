@@ -243,7 +243,8 @@ def cmd_serve(args, extra) -> int:
 
     try:
         serve(ServeOptions(run=args.run, host=args.host, port=args.port, api_key_env=args.api_key_env,
-                           max_n=args.max_n, max_in_flight=args.max_in_flight, seed=args.seed, device=args.device))
+                           max_n=args.max_n, max_in_flight=args.max_in_flight, seed=args.seed, device=args.device,
+                           body_timeout=args.body_timeout))
     except ServeError as e:
         return fail(e)
     return 0

@@ -175,8 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key-env", default="GENBENCH_API_KEY",
                      help="environment variable holding the bearer key clients must send (default GENBENCH_API_KEY)")
     srv.add_argument("--max-n", type=int, default=10, help="most images per request (default 10)")
-    srv.add_argument("--max-in-flight", type=int, default=64, help="requests answered at once; more get 429 "
+    srv.add_argument("--max-in-flight", type=int, default=64, help="requests being sampled at once; more get 429 "
                                                                    "(default 64)")
+    srv.add_argument("--body-timeout", type=float, default=10.0,
+                     help="seconds a client may take to send its request body; a stalled one gets 408 (default 10)")
     srv.add_argument("--seed", type=int, default=0, help="seed of the served samples (default 0)")
     srv.add_argument("--device", default="cpu", help="torch device to sample on (default cpu)")
 

@@ -81,6 +81,9 @@ def redact(text: str, secret: Optional[str]) -> str:
 def _api_key(opts: GenerateOptions) -> tuple[str, bool]:
     """(key, whether it came from the environment). A loopback endpoint (genbench serve) needs none."""
     key = os.environ.get(opts.api_key_env)
+    if key and not key.strip():
+        raise GenerateError(f"the environment variable {opts.api_key_env} holds only whitespace; set the key "
+                            f"for {public_url(opts.api_base)} there")
     if key:
         return key, True
     if urlsplit(opts.api_base).hostname in LOOPBACK:

@@ -18,6 +18,7 @@ import asyncio
 import base64
 import hmac
 import json
+import logging
 import os
 import re
 import time
@@ -32,6 +33,8 @@ from aiohttp import web
 from pipeline.data.imageops import png_bytes
 from pipeline.data.prompts import MAX_PROMPT_CHARS
 from pipeline.services import LOOPBACK
+
+log = logging.getLogger(__name__)
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -48,7 +51,8 @@ class ServeOptions:
     api_key_env: str = "GENBENCH_API_KEY"
     max_n: int = 10  # the OpenAI API's own limit per request
     max_body_bytes: int = 64 * 1024
-    max_in_flight: int = 64  # requests being answered at once; more get 429
+    max_in_flight: int = 64  # requests being sampled at once; more get 429
+    body_timeout: float = 10.0  # seconds a client may take to send its body (a stalled one gets 408)
     seed: int = 0
     device: str = "cpu"
 
@@ -133,6 +137,9 @@ class Batcher:
 
 def _key(opts: ServeOptions) -> Optional[str]:
     key = os.environ.get(opts.api_key_env) or None
+    if key is not None and not key.strip():  # an empty-looking key would be one anyone can guess
+        raise ServeError(f"the environment variable {opts.api_key_env} holds only whitespace; set a real key, or "
+                         "unset it on 127.0.0.1")
     if key is None and opts.host not in LOOPBACK:
         raise ServeError(f"genbench serve --host {opts.host} would answer anyone who can reach this node; set a key "
                          f"in the environment variable {opts.api_key_env} (clients send it as a bearer token), or "
@@ -157,36 +164,39 @@ def build_app(opts: ServeOptions) -> web.Application:
 
     @web.middleware
     async def guard(request: web.Request, handler):
-        nonlocal in_flight
         if request.path == "/health":
             return await handler(request)
         if key is not None:
             sent = request.headers.get("Authorization", "")
             if not hmac.compare_digest(sent.encode(), f"Bearer {key}".encode()):
                 return api_error(401, "Incorrect API key provided.", code="invalid_api_key")
-        if in_flight >= opts.max_in_flight:
-            return api_error(429, f"more than {opts.max_in_flight} requests in flight; retry shortly",
-                             type_="rate_limit_exceeded", headers={"Retry-After": "1"})
-        in_flight += 1
         try:
             return await handler(request)
         except web.HTTPRequestEntityTooLarge:
             return api_error(413, f"the request body is larger than {opts.max_body_bytes} bytes")
-        finally:
-            in_flight -= 1
+        except ConnectionError:  # the client went away (closed, reset) before its body arrived: no one to answer
+            log.info("client %s disconnected before its request was read", request.remote)
+            return web.Response(status=400)
 
     async def generations(request: web.Request) -> web.Response:
+        nonlocal in_flight
         if request.content_length is not None and request.content_length > opts.max_body_bytes:
             return api_error(413, f"the request body is larger than {opts.max_body_bytes} bytes")
         try:
-            body = json.loads(await request.read())
+            # bounded in time: a client that stalls half-way through its body holds a connection, not the
+            # server (the in-flight bound below counts requests being sampled, not ones still arriving)
+            raw = await asyncio.wait_for(request.read(), opts.body_timeout)
+        except asyncio.TimeoutError:
+            return api_error(408, f"the request body did not arrive within {opts.body_timeout:g} s")
+        try:
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             return api_error(400, "the body is not valid JSON")
         if not isinstance(body, dict):
             return api_error(400, "the body must be a JSON object")
         prompt = body.get("prompt")
-        if not isinstance(prompt, str) or not prompt:
-            return api_error(400, "'prompt' is required", param="prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            return api_error(400, "'prompt' is required (and more than whitespace)", param="prompt")
         if len(prompt) > MAX_PROMPT_CHARS:
             return api_error(400, f"'prompt' is longer than {MAX_PROMPT_CHARS} characters", param="prompt")
         n = body.get("n", 1)
@@ -201,10 +211,16 @@ def build_app(opts: ServeOptions) -> web.Application:
             label = classes(prompt) if classes is not None else None
         except ValueError as e:
             return api_error(400, str(e), param="prompt")
+        if in_flight >= opts.max_in_flight:
+            return api_error(429, f"more than {opts.max_in_flight} requests in flight; retry shortly",
+                             type_="rate_limit_exceeded", headers={"Retry-After": "1"})
+        in_flight += 1
         try:
             images = await batcher.sample([label] * n)
         except Exception as e:  # a sampling failure: the API's server-error shape, and the server stays up
             return api_error(500, f"sampling failed: {type(e).__name__}: {e}", type_="server_error")
+        finally:
+            in_flight -= 1
         data = [{"b64_json": base64.b64encode(png_bytes(img)).decode(), "revised_prompt": None} for img in images]
         return web.json_response({"created": int(time.time()), "data": data})
 
