@@ -362,3 +362,62 @@ def test_prepare_from_a_corpus_with_a_bomb_skips_and_counts_it(tmp_path):
     assert "skipped 1 sample(s)" in proc.stdout and "megapixels" in proc.stderr
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["num_samples"] == 5
+
+
+# -- prepare --from: what another tool's tars hold ----------------------------------------------------------
+
+
+def _foreign_tar(path: Path, gz: bool = False) -> None:
+    """Six labelled samples, then a symbolic and a hard link to one of them, and one key again, apart."""
+    mode = "w:gz" if gz else "w"
+    with tarfile.open(path, mode) as tar:
+        def add(name: str, body: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+
+        for i in range(6):
+            add(f"s{i:04d}.png", _encode(np.full((4, 4), i * 10, np.uint8)))
+            add(f"s{i:04d}.cls", str(i % 2).encode())
+        for kind, name in ((tarfile.SYMTYPE, "s0006.png"), (tarfile.LNKTYPE, "s0007.png")):
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = kind, "s0000.png"
+            tar.addfile(link)
+        add("s0002.png", _encode(np.full((4, 4), 99, np.uint8)))  # key s0002 again, after others
+
+
+def test_prepare_from_counts_links_and_duplicate_names(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    _foreign_tar(corpus / "part-00000.tar")
+    proc = genbench("prepare", "--from", str(corpus), "--out", str(tmp_path / "out"), "--val-fraction", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    shard = str(corpus / "part-00000.tar")
+    assert manifest["skipped_links"] == {shard: 2}  # before: dropped without a word
+    assert manifest["duplicate_names"] == {shard: 2}  # s0002.png as a member name, and s0002 as a sample
+    assert "s0006.png is a symbolic link" in proc.stderr and "--hard-dereference" in proc.stderr
+    assert "found 2 link member(s)" in proc.stdout and "found 2 duplicate member or sample name(s)" in proc.stdout
+    # the later s0002 has no label of its own: unlabelled or not, it is a sample that is counted, never hidden
+    assert manifest["splits"]["train"]["num_samples"] == 7
+
+
+def test_prepare_from_reads_gzip_tars_and_file_urls(tmp_path):
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    plain.mkdir()
+    packed.mkdir()
+    _foreign_tar(plain / "part-00000.tar")
+    _foreign_tar(packed / "part-00000.tar.gz", gz=True)
+    outs = {}
+    for name, source in (("plain", str(plain)), ("gz", str(packed)),  # before: "bad header checksum"
+                         ("url", (packed / "part-00000.tar.gz").as_uri())):  # before: "does not exist"
+        out = tmp_path / f"out-{name}"
+        proc = genbench("prepare", "--from", source, "--out", str(out), "--val-fraction", "0")
+        assert proc.returncode == 0, (name, proc.stderr[-3000:])
+        outs[name] = [(s["png"], s.get("cls")) for shard in sorted(out.glob("train-*.tar"))
+                      for s in iter_samples(str(shard))]
+    assert len(outs["plain"]) == 7 and outs["plain"] == outs["gz"] == outs["url"]  # the same samples, same bytes
+    with pytest.raises(ShardError, match="another host"):
+        from pipeline.data.reshard import expand_shards
+
+        expand_shards("file://elsewhere/data/part-{0..9}.tar")

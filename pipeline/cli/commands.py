@@ -102,6 +102,12 @@ def _print_splits(manifest: dict, out: str) -> None:
     if skipped:
         print(f"skipped {sum(skipped.values())} sample(s) that do not decode, in {len(skipped)} shard(s) "
               f"(first: {next(iter(skipped))}); they are listed in the manifest")
+    for key, what in (("skipped_links", "link member(s) (symbolic or hard links, not followed)"),
+                      ("duplicate_names", "duplicate member or sample name(s)")):
+        counts = manifest.get(key) or {}
+        if counts:
+            print(f"found {sum(counts.values())} {what} in {len(counts)} shard(s) (first: {next(iter(counts))}); "
+                  f"counted under {key} in the manifest")
     images = manifest.get("skipped_images") or {}
     if images:
         first = next(iter(images))

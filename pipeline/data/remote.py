@@ -290,7 +290,7 @@ class TeeReader(io.RawIOBase):
 
 
 def iter_remote_members(url: str, retries: Optional[int] = None, timeout: Optional[float] = None,
-                        copy_to: Any = None) -> Iterator[tuple[str, bytes]]:
+                        copy_to: Any = None, on_link: Any = None) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of each file in a remote tar, streamed in order (the local reader's header parsing).
     ``copy_to``: a binary file that receives the whole shard as it streams, to its last byte."""
     from pipeline.data.tarstream import TarFormatError, iter_stream_members
@@ -300,7 +300,7 @@ def iter_remote_members(url: str, retries: Optional[int] = None, timeout: Option
         raw = TeeReader(raw, copy_to)
     with io.BufferedReader(raw, buffer_size=1 << 20) as stream:
         try:
-            yield from iter_stream_members(stream)
+            yield from iter_stream_members(stream, on_link)
         except TarFormatError as e:
             raise RemoteShardError(f"{public_url(url)} is not a readable tar ({e})") from e
         if copy_to is not None:

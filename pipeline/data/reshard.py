@@ -21,6 +21,8 @@ import os
 from collections import Counter
 from pathlib import Path
 from typing import Iterator, Optional
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 import numpy as np
 
@@ -35,15 +37,31 @@ from pipeline.data.tarstream import TarFormatError, group_samples, iter_members
 
 log = logging.getLogger(__name__)
 IMAGE_ENTRIES = ("png", "jpg", "jpeg", "webp")
+SHARD_GLOBS = ("*.tar", "*.tar.gz", "*.tgz")
+
+
+def local_path(pattern: str) -> str:
+    """``file:///data/x-{000..009}.tar`` -> ``/data/x-{000..009}.tar`` (percent-escapes decoded); else as is."""
+    if pattern.startswith("file://"):
+        parts = urlsplit(pattern)
+        if parts.netloc not in ("", "localhost"):
+            raise ShardError(f"--from {pattern}: a file:// URL names a file on this machine (file:///path); "
+                             f"{parts.netloc} is another host")
+        return url2pathname(parts.path)
+    return pattern
 
 
 def expand_shards(pattern: str) -> list[str]:
-    """A brace pattern (remote or local), a ``pipe:`` pattern, or a local directory of ``*.tar`` -> shard list."""
+    """A brace pattern (remote or local), a ``pipe:`` pattern, a ``file://`` URL, or a local directory of
+    ``*.tar`` / ``*.tar.gz`` / ``*.tgz`` -> shard list."""
+    pattern = local_path(pattern)
     if not remote.is_remote(pattern) and "{" not in pattern:
         path = Path(pattern)
-        shards = sorted(str(p) for p in path.glob("*.tar")) if path.is_dir() else [pattern]
+        shards = sorted(str(p) for ext in SHARD_GLOBS for p in path.glob(ext)) if path.is_dir() else [pattern]
     else:
         shards = remote.expand(pattern)
+    if not shards:
+        raise ShardError(f"--from: {pattern} holds no .tar, .tar.gz or .tgz shard")
     for shard in shards:
         if not remote.is_remote(shard) and not Path(shard).is_file():
             raise ShardError(f"--from: {shard} does not exist; give a directory of .tar shards, a brace pattern "
@@ -65,15 +83,30 @@ class ForeignSamples:
         self.label_entry, self.label_attribute = parse_label_key(label_key)
         self.class_names: list[str] = []
         self.skipped: Counter = Counter()  # undecodable samples per shard
+        self.links: Counter = Counter()  # link members per shard: not read (their data is another member's)
+        self.duplicates: Counter = Counter()  # members or samples per shard whose name was already seen
 
     def __iter__(self) -> Iterator[tuple[str, str, Sample]]:
         """(public shard URL, key, sample)."""
         entries = frozenset({*IMAGE_ENTRIES, "cls", "json", "txt"})
         for shard in self.shards:
             public = remote.public_url(shard) if remote.is_remote(shard) else shard
-            members = remote.iter_remote_members(shard) if remote.is_remote(shard) else iter_members(shard)
+
+            def on_link(name: str, kind: str, public: str = public) -> None:
+                if not self.links[public]:
+                    log.warning("--from: %s is a %s, which genbench does not follow (its data is another member's); "
+                                "further ones in %s are only counted. Re-create the tar with "
+                                "tar --dereference --hard-dereference", name, kind, public)
+                self.links[public] += 1
+
+            members = remote.iter_remote_members(shard, on_link=on_link) if remote.is_remote(shard) else \
+                iter_members(shard, on_link)
+            keys: set[str] = set()
             try:
-                for raw in group_samples(members, public, entries):
+                for raw in group_samples(self._unique(members, public), public, entries):
+                    if raw["__key__"] in keys:  # its members were not together: a second sample of one key
+                        self._duplicate(public, raw["__key__"])
+                    keys.add(raw["__key__"])
                     sample = self._sample(raw, public)
                     if sample is not None:
                         yield public, raw["__key__"], sample
@@ -81,6 +114,22 @@ class ForeignSamples:
                 raise ShardError(str(e)) from None
             except (TarFormatError, OSError) as e:
                 raise ShardError(f"--from: shard {public} is unreadable or truncated ({e})") from e
+
+    def _unique(self, members: Iterator[tuple[str, bytes]], shard: str) -> Iterator[tuple[str, bytes]]:
+        """The members, each name counted once: a second member of a name replaces the first in its sample (the
+        WebDataset way), and is counted and warned about here."""
+        names: set[str] = set()
+        for name, data in members:
+            if name in names:
+                self._duplicate(shard, name)
+            names.add(name)
+            yield name, data
+
+    def _duplicate(self, shard: str, name: str) -> None:
+        if not self.duplicates[shard]:
+            log.warning("--from: %s appears more than once in %s (kept as WebDataset groups it); further ones "
+                        "there are only counted", name, shard)
+        self.duplicates[shard] += 1
 
     def _sample(self, raw: dict, shard: str) -> Optional[Sample]:
         try:
@@ -152,5 +201,8 @@ def reshard(pattern: str, out: str | os.PathLike, val_fraction: float = 0.1, see
         manifest["class_names"] = samples.class_names or \
             [str(c) for c in range(max(len(info["label_histogram"]) for info in manifest["splits"].values()))]
         manifest["skipped_samples"] = dict(samples.skipped)
+        for key, counts in (("skipped_links", samples.links), ("duplicate_names", samples.duplicates)):
+            if counts:  # only when there are: a corpus without any keeps the identity it had
+                manifest[key] = dict(counts)
 
     return write_dataset(out, manifest, fill, overwrite)
