@@ -39,6 +39,7 @@ _PNG_COLOUR = {0: (1, (1, 2, 4, 8, 16)), 2: (3, (8, 16)), 3: (1, (1, 2, 4, 8)), 
 # Adam7 passes: (x0, y0, dx, dy)
 _CHUNK = struct.Struct(">I4s")  # a chunk's length and type
 _IHDR = struct.Struct(">IIBBBBB")
+_CRC = struct.Struct(">I")
 _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
 
 
@@ -59,13 +60,15 @@ def too_large(width: int, height: int, max_pixels: Optional[int]) -> Optional[st
 
 def check_png(data: bytes, max_pixels: Optional[int] = MAX_PIXELS) -> tuple[int, int, int]:
     """Raise ``ImageError`` unless ``data`` is a PNG that libpng decodes without error; returns (width, height,
-    bit depth). Costs a CRC and an inflate of the image data (a copy, for the stored PNGs genbench writes): about
-    a third of the decode's time at 32x32 (``benchmarks/dataloader.py`` measures the loader with it)."""
+    bit depth). Costs a CRC and an inflate of the image data (a copy, for the stored PNGs genbench writes): 6 us
+    alone and ~12 us in the loader against the decode's 15 us at 32x32 RGB (``benchmarks/dataloader.py`` measures
+    the loader with it; docs/performance.md)."""
     if data[:8] != PNG_SIGNATURE:
         raise ImageError("not a PNG (no PNG signature)")
+    view = memoryview(data)  # slices of a view are not copies: the CRCs and the inflate read the file in place
     pos, end, seen_plte, last = 8, len(data), False, b""
     header: Optional[tuple[int, int, int, int, int]] = None
-    idat: list[bytes] = []
+    idat: list[memoryview] = []
     while True:
         if pos + 12 > end:
             raise ImageError(f"truncated: the file ends inside a chunk header at byte {pos} (no IEND)")
@@ -73,12 +76,12 @@ def check_png(data: bytes, max_pixels: Optional[int] = MAX_PIXELS) -> tuple[int,
         stop = pos + 8 + length
         if stop + 4 > end:
             raise ImageError(f"truncated: chunk {kind!r} at byte {pos} needs {length} bytes, the file ends first")
-        if zlib.crc32(data[pos + 4:stop]) != int.from_bytes(data[stop:stop + 4], "big"):
+        if zlib.crc32(view[pos + 4:stop]) != _CRC.unpack_from(data, stop)[0]:
             raise ImageError(f"chunk {kind.decode('latin-1')!r} at byte {pos} fails its CRC: the file is damaged")
         if kind == b"IDAT":
             if idat and last != b"IDAT":
                 raise ImageError("IDAT chunks are not consecutive")
-            idat.append(data[pos + 8:stop])
+            idat.append(view[pos + 8:stop])
         elif header is None:
             if kind != b"IHDR":
                 raise ImageError("the first chunk is not IHDR")
