@@ -31,6 +31,7 @@ def _one_message_and_no_run(proc, tmp_path) -> str:
     ("--model.init_args.lr=-1", "model.init_args.lr=-1.0 must be a positive learning rate"),
     ("--data.init_args.batch_size=-3", "data.init_args.batch_size=-3 must be positive"),
     ("--data.init_args.num_workers=-1", "data.init_args.num_workers=-1 must be 0 or more"),
+    ("--model.init_args.sample_every_n_steps=-2", "sample_every_n_steps=-2 must be a number of steps, 0 (only at"),
     # raised by the data module's own __init__, which jsonargparse wraps in a 70-line union error
     ("--data.init_args.verify=sometimes", "data.verify='sometimes': use one of first, always, never"),
     ("--data.init_args.resize=squash", "data.resize='squash': use one of"),
@@ -39,6 +40,14 @@ def test_a_number_or_choice_no_run_can_use_is_one_line_before_any_run_directory(
                                                                                  says):
     line = _one_message_and_no_run(_fit(tmp_path, digits_shards, override), tmp_path)
     assert says in line
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_the_sample_grid_switches_stay_valid(digits_shards, tmp_path, value):
+    """sample_every_n_steps 0 (a grid only at the end) and -1 (none) are settings, not bad numbers."""
+    resolved = resolve(["--config", VAE, f"--data.init_args.shards={digits_shards}", f"--run.root={tmp_path}",
+                        f"--model.init_args.sample_every_n_steps={value}"])
+    assert resolved.config.model.init_args.sample_every_n_steps == int(value)
 
 
 def test_every_bad_number_is_named_at_once(digits_shards, tmp_path):

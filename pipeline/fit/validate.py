@@ -17,7 +17,7 @@ from pipeline.data.remote import public_url
 POSITIVE_KEYS = frozenset({"batch_size", "val_batch_size", "image_size", "samples_per_epoch", "max_pixels",
                            "latent_dim", "z_dim", "base_channels", "g_channels", "d_channels", "dim", "depth",
                            "heads", "num_res_blocks", "class_embed_dim", "palette_size", "n_critic",
-                           "sample_batch_size", "sample_every_n_steps", "timesteps", "sampling_steps", "temperature"})
+                           "sample_batch_size", "timesteps", "sampling_steps", "temperature"})
 # ... or at least 0
 NON_NEGATIVE_KEYS = frozenset({"num_workers", "shuffle_buffer", "weight_decay", "beta", "kl_warmup_steps",
                                "warmup_steps", "dropout", "p_uncond", "top_k", "guidance_scale"})
@@ -81,6 +81,9 @@ def check_numbers(config: Namespace) -> None:
                 problems.append(f"{group}.init_args.{key}={value} must be positive")
             elif key in NON_NEGATIVE_KEYS and value < 0:
                 problems.append(f"{group}.init_args.{key}={value} must be 0 or more")
+            elif key == "sample_every_n_steps" and value < -1:  # 0: a grid only at the end; -1: none
+                problems.append(f"{group}.init_args.{key}={value} must be a number of steps, 0 (only at the end) "
+                                "or -1 (never)")
     if problems:
         raise ConfigError("; ".join(problems))
 
