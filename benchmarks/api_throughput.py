@@ -2,6 +2,11 @@
 in the same run: the client must not be the bottleneck (target: generate >= 0.9x the plain loop at every
 concurrency). Written to ``benchmarks/results/api-<device>.json``.
 
+The task-based providers (midjourney, firefly, bfl) the same way, against the stand-in server of the tests
+(``tests/provider_server.py``) with a fixed task latency: `genbench generate --provider P` against a plain
+submit-and-poll loop that polls at a fixed interval (``--poll-interval``, the shortest wait generate uses), at
+concurrency 1 and 8 (section ``generate_vs_task_loop``; ``--only tasks`` runs just these).
+
 The server is a real `genbench serve` process on 127.0.0.1 in front of a conditional digits VAE this script
 trains (or ``--run``). Both clients ask one image per request (what `genbench generate` does: DALL-E 3 takes
 only n=1) with the digits prompts; at each concurrency the plain loop and `generate` alternate, three times,
@@ -13,6 +18,7 @@ slower server rather than as a client bottleneck. On a cluster the server has it
 
     .venv/bin/python benchmarks/api_throughput.py            # 400 images per measurement
     .venv/bin/python benchmarks/api_throughput.py --small    # a quick run that only checks it still works
+    .venv/bin/python benchmarks/api_throughput.py --only tasks --task-latency 1.0
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ import httpx
 from benchmarks.common import REPO, merge_results, results_path
 from pipeline.benchmark.distributed import free_port
 from pipeline.services.client import GenerateOptions, generate
+
+sys.path.insert(0, str(REPO / "tests"))  # the stand-in servers of the named services live with the tests
+from provider_server import CLIENT_ID, KEY, ProviderServer  # noqa: E402
 
 PROMPTS = REPO / "prompts" / "digits.jsonl"
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -93,6 +102,112 @@ def generate_rate(base: str, images: int, concurrency: int, out: Path) -> float:
     return outcome.done / outcome.wall_seconds
 
 
+TASK_MODELS = {"midjourney": "midjourney-v7", "firefly": "firefly-image-4", "bfl": "flux-pro-1.1"}
+
+
+def task_loop(provider: str, base: str, images: int, concurrency: int, interval: float) -> float:
+    """images/s of a plain submit-and-poll loop: `concurrency` threads, one pooled httpx client, a fixed poll
+    interval, the image downloaded; no retries, no bookkeeping, nothing written."""
+    per_task = 4 if provider == "midjourney" else 1
+    with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=2 * concurrency)) as client:
+        headers = {"x-key": KEY} if provider == "bfl" else {"Authorization": f"Bearer {KEY}"}
+        if provider == "firefly":
+            token = client.post(f"{base}/ims/token/v3", data={"grant_type": "client_credentials", "client_id":
+                                                              CLIENT_ID, "client_secret": KEY}).json()
+            headers = {"Authorization": f"Bearer {token['access_token']}", "x-api-key": CLIENT_ID}
+
+        def one(i: int) -> None:
+            prompt = f"a plain digit {DIGITS[i % 10]} {i}"
+            if provider == "midjourney":
+                task = client.post(f"{base}/mj/submit/imagine", json={"prompt": prompt}, headers=headers).json()
+                poll, done, field = f"{base}/mj/task/{task['result']}/fetch", "SUCCESS", "imageUrl"
+            elif provider == "firefly":
+                task = client.post(f"{base}/v3/images/generate-async", json={"prompt": prompt, "numVariations": 1},
+                                   headers=headers).json()
+                poll, done, field = task["statusUrl"], "succeeded", "url"
+            else:
+                task = client.post(f"{base}/v1/{TASK_MODELS[provider]}", json={"prompt": prompt},
+                                   headers=headers).json()
+                poll, done, field = task["polling_url"], "Ready", "sample"
+            while True:
+                time.sleep(interval)
+                status = client.get(poll, headers=headers).json()
+                if status["status"] == done:
+                    break
+            url = status.get("imageUrl") or (status.get("result") or {}).get("sample") or \
+                status["result"]["outputs"][0]["image"]["url"]
+            assert field and client.get(url).status_code == 200
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(one, range(images // per_task)))
+        return images / (time.perf_counter() - t0)
+
+
+def task_generate_rate(provider: str, base: str, images: int, concurrency: int, interval: float, out: Path) -> float:
+    os.environ.update(BENCH_KEY=KEY, FIREFLY_CLIENT_ID=CLIENT_ID)
+    per_prompt = 4 if provider == "midjourney" else 1
+    suite = out.with_suffix(".jsonl")
+    suite.write_text("".join(f'{{"id": "p{i:04d}", "prompt": "a plain digit {DIGITS[i % 10]} {i}"}}\n'
+                             for i in range(images // per_prompt)))
+    outcome = generate(GenerateOptions(provider=provider, api_base=base, model=TASK_MODELS[provider],
+                                       prompts=str(suite), out=str(out), images_per_prompt=per_prompt,
+                                       concurrency=concurrency, poll_interval=interval, api_key_env="BENCH_KEY",
+                                       token_url=f"{base}/ims/token/v3", progress=False))
+    assert outcome.done == images and not outcome.failed, outcome
+    return outcome.done / outcome.wall_seconds
+
+
+def task_rows(args: argparse.Namespace, work: Path) -> dict:
+    rows: dict = {}
+    with ProviderServer(latency=args.task_latency, token_uses=10**9) as server:  # no token expiry here
+        for provider in TASK_MODELS:
+            rows[provider] = {}
+            for c in (1, 8):
+                # a quarter of the tasks one at a time: each takes the full task latency
+                tasks = (8 if args.small else args.tasks) // (4 if c == 1 and not args.small else 1)
+                images = tasks * (4 if provider == "midjourney" else 1)
+                plain, client = [], []
+                for attempt in range(1 if args.small else args.rounds):
+                    plain.append(task_loop(provider, server.base, images, c, args.poll_interval))
+                    client.append(task_generate_rate(provider, server.base, images, c, args.poll_interval,
+                                                     work / f"{provider}-{c}-{attempt}"))
+                p, g = statistics.median(plain), statistics.median(client)
+                rows[provider][str(c)] = {"plain_loop_images_per_s": round(p, 3), "generate_images_per_s": round(g, 3),
+                                          "ratio_generate_vs_plain": round(g / p, 3), "images": images,
+                                          "rounds": {"plain": [round(v, 3) for v in plain],
+                                                     "generate": [round(v, 3) for v in client]}}
+                print(f"{provider} concurrency {c}: plain {p:.2f} img/s, generate {g:.2f} img/s, ratio {g / p:.2f}",
+                      flush=True)
+    return rows
+
+
+def serve_section(args: argparse.Namespace, work: Path, path: Path) -> None:
+    images = 40 if args.small else args.images
+    run = Path(args.run) if args.run else train_run(work, 20 if args.small else 200)
+    proc, base = start_server(run)
+    try:
+        plain_loop(base, 20, 4)  # warm-up: first sampling calls, connection set-up
+        rows = {}
+        for c in (int(v) for v in args.concurrency.split(",")):
+            plain, client = [], []
+            for attempt in range(args.rounds):
+                plain.append(plain_loop(base, images, c))
+                client.append(generate_rate(base, images, c, work / f"gen-{c}-{attempt}"))
+            p, g = statistics.median(plain), statistics.median(client)
+            rows[str(c)] = {"plain_loop_images_per_s": round(p, 2), "generate_images_per_s": round(g, 2),
+                            "ratio_generate_vs_plain": round(g / p, 3), "images": images,
+                            "rounds": {"plain": [round(v, 2) for v in plain],
+                                       "generate": [round(v, 2) for v in client]}}
+            print(f"concurrency {c}: plain {p:.1f} img/s, generate {g:.1f} img/s, ratio {g / p:.2f}", flush=True)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    merge_results(path, "generate_vs_serve", {"concurrency": rows, "server": "genbench serve, conditional digits "
+                                              "VAE 8x8, one image per request, one core (1 torch thread)",
+                                              "client": "one core", "cpus": os.cpu_count()})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", help="a trained run to serve (default: train a conditional digits VAE)")
@@ -101,33 +216,22 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="40 images per measurement, a 20-step model")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per concurrency (median counts)")
     parser.add_argument("--out", help="results file (default benchmarks/results/api-<device>.json)")
+    parser.add_argument("--only", choices=("serve", "tasks"), help="run one of the two sections (default both)")
+    parser.add_argument("--task-latency", type=float, default=1.0, help="seconds each stand-in task runs (default 1)")
+    parser.add_argument("--tasks", type=int, default=32,
+                        help="tasks per task-provider measurement at concurrency 8 (a quarter at 1)")
+    parser.add_argument("--poll-interval", type=float, default=0.1,
+                        help="the plain loop's fixed poll interval, and generate's --poll-interval (default 0.1)")
     args = parser.parse_args()
-    images = 40 if args.small else args.images
     path = Path(args.out) if args.out else results_path(None).with_name(f"api-{results_path(None).name}")
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        run = Path(args.run) if args.run else train_run(work, 20 if args.small else 200)
-        proc, base = start_server(run)
-        try:
-            plain_loop(base, 20, 4)  # warm-up: first sampling calls, connection set-up
-            rows = {}
-            for c in (int(v) for v in args.concurrency.split(",")):
-                plain, client = [], []
-                for attempt in range(args.rounds):
-                    plain.append(plain_loop(base, images, c))
-                    client.append(generate_rate(base, images, c, work / f"gen-{c}-{attempt}"))
-                p, g = statistics.median(plain), statistics.median(client)
-                rows[str(c)] = {"plain_loop_images_per_s": round(p, 2), "generate_images_per_s": round(g, 2),
-                                "ratio_generate_vs_plain": round(g / p, 3), "images": images,
-                                "rounds": {"plain": [round(v, 2) for v in plain],
-                                           "generate": [round(v, 2) for v in client]}}
-                print(f"concurrency {c}: plain {p:.1f} img/s, generate {g:.1f} img/s, ratio {g / p:.2f}", flush=True)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=30)
-    merge_results(path, "generate_vs_serve", {"concurrency": rows, "server": "genbench serve, conditional digits "
-                                              "VAE 8x8, one image per request, one core (1 torch thread)",
-                                              "client": "one core", "cpus": os.cpu_count()})
+        if args.only != "tasks":
+            serve_section(args, Path(tmp), path)
+        if args.only != "serve":
+            merge_results(path, "generate_vs_task_loop", {
+                "providers": task_rows(args, Path(tmp)), "task_latency_s": args.task_latency,
+                "poll_interval_s": args.poll_interval, "server": "tests/provider_server.py in this process "
+                "(threads), each task running task_latency_s", "cpus": os.cpu_count()})
     print(f"wrote {path}")
 
 

@@ -116,9 +116,14 @@ def test_memorization_benchmark_writes_cost_ratios_and_calibration(tmp_path):
 
 @pytest.mark.slow
 def test_api_benchmark_compares_generate_with_a_plain_loop(tmp_path):
-    rows = _run("api_throughput.py", "--small", "--concurrency", "1,4", "--rounds", "2",
-                tmp_path=tmp_path)["generate_vs_serve"]["concurrency"]
+    results = _run("api_throughput.py", "--small", "--concurrency", "1,4", "--rounds", "2", "--task-latency", "0.2",
+                   tmp_path=tmp_path)
+    rows = results["generate_vs_serve"]["concurrency"]
     assert sorted(rows) == ["1", "4"]
+    tasks = results["generate_vs_task_loop"]["providers"]
+    assert sorted(tasks) == ["bfl", "firefly", "midjourney"] and all(sorted(t) == ["1", "8"] for t in tasks.values())
+    for row in (r for t in tasks.values() for r in t.values()):
+        assert row["plain_loop_images_per_s"] > 0 and row["generate_images_per_s"] > 0
     for row in rows.values():
         assert row["plain_loop_images_per_s"] > 0 and row["generate_images_per_s"] > 0
         assert row["ratio_generate_vs_plain"] == pytest.approx(

@@ -264,7 +264,8 @@ class GeneratedSet(FolderImages):
     def describe(self) -> dict[str, Any]:
         return {"kind": "generated", "path": str(self.directory), "hash": self.content_hash,
                 "num_images": self.num_images, "model": self.generation.get("model"),
-                "api_base": self.generation.get("api_base"), "prompt_suite": self.generation.get("prompt_suite")}
+                "provider": self.generation.get("provider", "openai"), "api_base": self.generation.get("api_base"),
+                "prompt_suite": self.generation.get("prompt_suite")}
 
 
 class ModelSamples:

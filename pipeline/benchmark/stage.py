@@ -344,12 +344,14 @@ def _external_of(source: GeneratedSet) -> dict[str, Any]:
     """What a record says about a generator behind an API: service, model, prompt suite, counts, time and cost."""
     info = source.generation
     totals = info.get("totals", {})
-    return {"api_base": info.get("api_base"), "model": info.get("model"), "size": info.get("size"),
+    return {"provider": info.get("provider", "openai"), "api_base": info.get("api_base"),
+            "endpoint": info.get("endpoint"), "model": info.get("model"), "size": info.get("size"),
             "quality": info.get("quality"), "prompt_suite": info.get("prompt_suite"),
             "images_per_prompt": info.get("images_per_prompt"), "images": source.num_images,
             "refused": totals.get("refused"), "failed": totals.get("failed"), "requests": totals.get("requests"),
             "wall_seconds": totals.get("wall_seconds"), "cost": totals.get("cost"),
-            "price_per_image": totals.get("price_per_image")}
+            "price_per_image": totals.get("price_per_image"), "tasks": totals.get("tasks"),
+            "task_ids": totals.get("task_ids"), "pending": totals.get("pending")}
 
 
 def _external_cost(external: Optional[dict[str, Any]]) -> dict[str, Any]:

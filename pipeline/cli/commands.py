@@ -218,12 +218,14 @@ def cmd_submit(args, extra) -> int:
 def cmd_generate(args, extra) -> int:
     from pipeline.services.client import GenerateError, GenerateOptions, generate
 
-    opts = GenerateOptions(api_base=args.api_base, model=args.model, prompts=args.prompts, out=args.out,
-                           images_per_prompt=args.images_per_prompt, size=args.size, quality=args.quality,
+    opts = GenerateOptions(provider=args.provider, api_base=args.api_base, model=args.model, prompts=args.prompts,
+                           out=args.out, images_per_prompt=args.images_per_prompt, size=args.size,
+                           quality=args.quality,
                            response_format=None if args.response_format == "none" else args.response_format,
                            concurrency=args.concurrency, max_retries=args.max_retries, timeout=args.timeout,
-                           api_key_env=args.api_key_env, price_per_image=args.price_per_image,
-                           retry_refused=args.retry_refused)
+                           poll_interval=args.poll_interval, api_key_env=args.api_key_env,
+                           auth_header=args.auth_header, client_id_env=args.client_id_env, token_url=args.token_url,
+                           price_per_image=args.price_per_image, retry_refused=args.retry_refused)
     try:
         outcome = generate(opts)
     except GenerateError as e:
@@ -234,14 +236,17 @@ def cmd_generate(args, extra) -> int:
               file=sys.stderr)
         return 130
     print(f"{args.out}: {outcome.done} new image(s) in {outcome.wall_seconds:.1f} s ({outcome.skipped_existing} "
-          f"already there), {outcome.refused} refused, {outcome.failed} failed, {outcome.retries} retries")
+          f"already there), {outcome.refused} refused, {outcome.failed} failed, {outcome.pending} pending, "
+          f"{outcome.retries} retries")
     if outcome.refused:
         print(f"refusals are recorded in {args.out}/meta/<id>.json (\"refused\"); --retry-refused asks again")
+    if outcome.pending:
+        print(f"{outcome.pending} image(s) are in tasks still running at --timeout; the same command again polls "
+              "those tasks (nothing is paid twice)", file=sys.stderr)
     if outcome.failed:
         print(f"{outcome.failed} image(s) failed (see \"failed\" in {args.out}/meta/); run the same command again "
               "to request them", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if outcome.failed or outcome.pending else 0
 
 
 def cmd_serve(args, extra) -> int:

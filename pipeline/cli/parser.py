@@ -145,8 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help=COMMANDS["generate"], description=COMMANDS["generate"] +
         ". Retries 408/409/429/5xx, timeouts and dropped connections with backoff (honouring Retry-After); records "
         "content-policy refusals and goes on; the same command again requests only the images still missing.")
-    gen.add_argument("--api-base", required=True,
-                     help="the API's base URL, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
+    gen.add_argument("--provider", default="openai",
+                     choices=("openai", "openai-chat", "stability", "firefly", "midjourney", "bfl"),
+                     help="the service's protocol (default openai: the OpenAI images API and its copies; see "
+                          "docs/services.md for each)")
+    gen.add_argument("--api-base",
+                     help="the API's base URL (default: the provider's official one), e.g. https://api.openai.com/v1, "
+                          "https://api.cometapi.com for midjourney through CometAPI, http://127.0.0.1:8000/v1")
     gen.add_argument("--model", required=True, help="the model name the service knows, e.g. dall-e-3, gpt-image-1")
     gen.add_argument("--prompts", required=True, help="prompt suite: JSONL or YAML (see prompts/)")
     gen.add_argument("--out", required=True, help="directory of the generated set (images/, meta/, generation.json)")
@@ -156,13 +161,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quality", help="the service's quality setting, e.g. standard, hd, low, high")
     gen.add_argument("--response-format", choices=("b64_json", "url", "none"), default="b64_json",
                      help="ask for b64_json (default) or url; none sends no response_format (gpt-image rejects it)")
-    gen.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
+    gen.add_argument("--concurrency", type=int, default=4,
+                     help="tasks in flight (default 4): a task's submission and its polls hold one slot")
     gen.add_argument("--max-retries", type=int, default=4, help="retries per request (default 4)")
-    gen.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one answer (default 120)")
-    gen.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                     help="environment variable holding the API key (default OPENAI_API_KEY; a loopback endpoint "
+    gen.add_argument("--timeout", type=float, default=120.0,
+                     help="seconds to wait for one answer, and for one task to finish, its polls included (default "
+                          "120); a task still running then is picked up by the next run")
+    gen.add_argument("--poll-interval", type=float, default=1.0,
+                     help="the shortest wait between polls of a submitted task (default 1 s); a task running longer "
+                          "is asked every tenth of its age so far, at most every 15 s")
+    gen.add_argument("--api-key-env",
+                     help="environment variable holding the API key (default: the provider's, OPENAI_API_KEY, "
+                          "COMETAPI_KEY, STABILITY_API_KEY, BFL_API_KEY, FIREFLY_CLIENT_SECRET; a loopback endpoint "
                           "needs none)")
-    gen.add_argument("--price-per-image", type=float, help="USD per image, for the record's cost")
+    gen.add_argument("--auth-header",
+                     help="the header the key goes in (default: the provider's): Authorization sends 'Bearer KEY', "
+                          "another name (mj-api-secret, x-key) the bare key")
+    gen.add_argument("--client-id-env", default="FIREFLY_CLIENT_ID",
+                     help="firefly: the environment variable holding the OAuth client id (default FIREFLY_CLIENT_ID)")
+    gen.add_argument("--token-url", help="firefly: the token endpoint (default Adobe IMS's /ims/token/v3)")
+    gen.add_argument("--price-per-image", type=float,
+                     help="USD per image, for the record's cost (midjourney: the price of one imagine / 4)")
     gen.add_argument("--retry-refused", action="store_true", help="ask again for images that were refused before")
 
     srv = sub.add_parser("serve", help=COMMANDS["serve"], description=COMMANDS["serve"] +

@@ -4,8 +4,9 @@ benchmark reads it back:
     DIR/generation.json     what made the set: service, model, size, prompt suite (path, sha256), totals
     DIR/images/<id>-<k>.png image k of prompt <id>
     DIR/meta/<id>.jsonl     one per prompt, append-only: a first line with the prompt entry, then one line per
-                            outcome: an image (revised prompt, creation time, requests made, latency), a
-                            refusal or a failure with its message
+                            outcome: an image (revised prompt, creation time, requests made, latency, the
+                            task id), a refusal or a failure with its message, or a task the service took
+                            and had not finished (its id and where to poll: the next run asks about it)
 
 An image counts as done when its meta file has an ``image`` line for it and its PNG exists, so a rerun requests
 exactly the images that are missing. A later line for the same image supersedes an earlier one (a success after
@@ -42,7 +43,8 @@ def is_generated_set(directory: str | Path) -> bool:
 
 
 def read_meta(directory: Path, prompt_id: str) -> Optional[dict[str, Any]]:
-    """A prompt's meta file folded into ``{"prompt", ..., "images": [...], "refused": [...], "failed": [...]}``
+    """A prompt's meta file folded into ``{"prompt", ..., "images": [...], "refused": [...], "failed": [...],
+    "pending": [...]}``
     (each list by image index, the latest line per image winning); None when there is none yet."""
     path = meta_path(directory, prompt_id)
     try:
@@ -63,7 +65,7 @@ def read_meta(directory: Path, prompt_id: str) -> Optional[dict[str, Any]]:
     latest: dict[int, dict[str, Any]] = {}
     for entry in entries[1:]:
         latest[entry["index"]] = entry
-    folded: dict[str, Any] = {**entries[0], "images": [], "refused": [], "failed": []}
+    folded: dict[str, Any] = {**entries[0], "images": [], "refused": [], "failed": [], "pending": []}
     for index in sorted(latest):
         entry = dict(latest[index])
         folded[entry.pop("event")].append(entry)
@@ -75,7 +77,7 @@ class MetaLog:
     per line (a suite of 10,000 prompts would otherwise hold 10,000 descriptors) and created, with its prompt
     line first, by the first outcome."""
 
-    EVENTS = ("images", "refused", "failed")
+    EVENTS = ("images", "refused", "failed", "pending")
 
     def __init__(self, directory: Path, header: dict[str, Any]) -> None:
         self.path = meta_path(directory, header["prompt"]["id"])

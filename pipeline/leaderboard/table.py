@@ -92,6 +92,7 @@ COLUMNS = [
     Column("parameters", ("cost", "parameters"), "{:,}"),
     Column("nfe", ("cost", "nfe"), "{}"),
     Column("sampling_img_per_s", ("cost", "sampling_images_per_s"), "{:.1f}"),
+    Column("provider", ("external", "provider")),
     Column("service", ("external", "api_base")),
     Column("refused", ("external", "refused"), "{}"),
     Column("cost_usd", ("cost", "usd"), "{:.2f}"),
