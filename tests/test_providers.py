@@ -154,6 +154,21 @@ def test_a_task_running_at_the_deadline_is_picked_up_by_the_next_run_not_paid_ag
         assert read_meta(out, "a-held-digit")["pending"] == []
 
 
+def test_a_pending_task_the_service_forgot_is_submitted_again(tmp_path):
+    suite = _suite(tmp_path, ["a held digit"])
+    out = tmp_path / "out"
+    with ProviderServer() as server:
+        assert _generate(server, "midjourney", suite, out, "--timeout", "1").returncode == 1
+        server.tasks.clear()  # expired on the service's side: its fetch answers 404
+        server.release.set()
+        forgot = _generate(server, "midjourney", suite, out)
+        assert forgot.returncode == 1 and "1 failed" not in forgot.stdout and "4 failed" in forgot.stdout
+        assert "is not known there" in read_meta(out, "a-held-digit")["failed"][0]["error"]
+        again = _generate(server, "midjourney", suite, out)
+        assert again.returncode == 0 and "4 new image(s)" in again.stdout, again.stderr[-2000:]
+        assert server.paid[("midjourney", "a held digit")] == 2
+
+
 @pytest.mark.slow
 def test_a_killed_run_loses_nothing_and_pays_nothing_twice(tmp_path):
     suite = _suite(tmp_path, ["a held digit", "a slow digit", "a plain digit", "a held one"])

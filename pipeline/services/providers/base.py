@@ -184,6 +184,9 @@ class Provider:
             if response.status_code in RETRIED_STATUS:
                 raise Pending(task, f"the status of task {task.get('id')} could not be read: {public_url(url)} "
                                     f"answered {response.status_code} after {self.opts.max_retries} retries")
+            if response.status_code == 404:  # the service forgot the task (expired): a new one next run
+                raise ValueError(f"{public_url(url)} answered 404: task {task.get('id')} is not known there (any "
+                                 "more); the next run submits it again")
             self.check(response, url)
             state = state_of(self.json(response, url))
             if state is not None:
