@@ -165,7 +165,7 @@ def task_rows(args: argparse.Namespace, work: Path) -> dict:
             rows[provider] = {}
             for c in (1, 8):
                 # a quarter of the tasks one at a time: each takes the full task latency
-                tasks = (8 if args.small else args.tasks) // (4 if c == 1 and not args.small else 1)
+                tasks = (8 if args.small else args.tasks) // (4 if c == 1 else 1)
                 images = tasks * (4 if provider == "midjourney" else 1)
                 plain, client = [], []
                 for attempt in range(1 if args.small else args.rounds):
