@@ -31,19 +31,30 @@ def shared_mode(path: str | os.PathLike) -> None:
     os.chmod(path, 0o666 & ~_umask())
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> Path:
-    """Write ``data`` to a temporary file beside ``path``, fsync it and rename it into place. ``durable=False``
-    skips the fsync: still atomic for readers and against a killed process, not against a power cut."""
-    path = Path(path)
+def _written_temp(path: Path, data: bytes, durable: bool = True) -> str:
+    """``data`` in a new temporary file beside ``path``, fsynced unless not ``durable``, in the mode a plain
+    ``open`` gives; removed again when writing it fails. Every write below goes through one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    shared_mode(tmp)
     try:
         with os.fdopen(fd, "wb") as f:
+            shared_mode(tmp)
             f.write(data)
             f.flush()
             if durable:
                 os.fsync(f.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> Path:
+    """Write ``data`` to a temporary file beside ``path``, fsync it and rename it into place. ``durable=False``
+    skips the fsync: still atomic for readers and against a killed process, not against a power cut."""
+    path = Path(path)
+    tmp = _written_temp(path, data, durable)
+    try:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -66,14 +77,8 @@ def write_new_json(path: str | os.PathLike, obj: Any) -> Path:
     existing target atomically, so concurrent writers can never overwrite one another's records.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    shared_mode(tmp)
+    tmp = _written_temp(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write((json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
-            f.flush()
-            os.fsync(f.fileno())
         os.link(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -102,13 +107,7 @@ def write_together(files: dict[Path, bytes], new: frozenset[Path] = frozenset())
     try:
         for path, data in files.items():
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd, temps[path] = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-                shared_mode(temps[path])
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
+                temps[path] = _written_temp(path, data)
             except OSError as e:
                 raise _write_error(path, e) from None
         for path in sorted(files, key=lambda p: p not in new):

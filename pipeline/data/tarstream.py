@@ -68,11 +68,7 @@ def iter_members(path: str, on_link: OnLink = None) -> Iterator[tuple[str, bytes
     with open(path, "rb") as f:
         compressed = f.read(2) == GZIP_MAGIC
     if compressed:
-        with gzip.open(path, "rb") as stream:
-            try:
-                yield from _members(stream.read, on_link)
-            except (OSError, EOFError, zlib.error) as e:  # gzip's own damage: a bad CRC, a truncated stream
-                raise TarFormatError(f"the gzip stream is damaged or truncated ({e})") from None
+        yield from _inflated_members(gzip.GzipFile(path, "rb"), on_link)
         return
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         position = 0
@@ -92,13 +88,17 @@ def iter_stream_members(stream: BinaryIO, on_link: OnLink = None) -> Iterator[tu
     buffered: its first bytes are peeked)."""
     peek = getattr(stream, "peek", None)
     if peek is not None and peek(2)[:2] == GZIP_MAGIC:
-        with gzip.GzipFile(fileobj=stream) as inflated:
-            try:
-                yield from _members(inflated.read, on_link)
-            except (OSError, EOFError, zlib.error) as e:
-                raise TarFormatError(f"the gzip stream is damaged or truncated ({e})") from None
+        yield from _inflated_members(gzip.GzipFile(fileobj=stream), on_link)
         return
     yield from _members(stream.read, on_link)
+
+
+def _inflated_members(inflated: gzip.GzipFile, on_link: OnLink) -> Iterator[tuple[str, bytes]]:
+    with inflated:
+        try:
+            yield from _members(inflated.read, on_link)
+        except (OSError, EOFError, zlib.error) as e:  # gzip's own damage: a bad CRC, a truncated stream
+            raise TarFormatError(f"the gzip stream is damaged or truncated ({e})") from None
 
 
 def _members(take: Callable[[int], bytes], on_link: OnLink = None) -> Iterator[tuple[str, bytes]]:
