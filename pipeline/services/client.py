@@ -58,8 +58,8 @@ class Outcome:
     wall_seconds: float = 0.0
 
 
-def redact(text: str, secrets: Any) -> str:
-    for secret in [secrets] if isinstance(secrets, str) or secrets is None else secrets:
+def redact(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
     return text

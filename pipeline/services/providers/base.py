@@ -163,8 +163,7 @@ class Provider:
         return response.content
 
     def poll(self, task: dict[str, Any], url: str, deadline: float,
-             state_of: Callable[[dict[str, Any]], Any], headers: Optional[Callable[[], dict[str, str]]] = None
-             ) -> tuple[Any, int]:
+             state_of: Callable[[dict[str, Any]], Any]) -> tuple[Any, int]:
         """GET ``url`` on the poll schedule until ``state_of(body)`` returns something (it returns None while
         the task runs, and raises Refused or ValueError for a task that ended without images); returns that
         and the requests made. Past the deadline, or when the status cannot be read (retries spent), the task
@@ -177,7 +176,7 @@ class Provider:
             if not sleep(response):
                 raise Pending(task, f"task {task.get('id')} still running at --timeout {self.opts.timeout:g} s")
             try:
-                response = self.request("GET", url, headers=headers() if headers else {})
+                response = self.request("GET", url)
             except ValueError as e:
                 raise Pending(task, f"the status of task {task.get('id')} could not be read: {e}") from None
             requests += 1 + retries_taken(response)

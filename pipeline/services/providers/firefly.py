@@ -50,7 +50,6 @@ class Firefly(Provider):
         self._expires = 0.0
         self._tokens: list[str] = []  # every token this run held: all are secrets
         self._lock = threading.Lock()
-        self.token_requests = 0
 
     def secrets(self) -> list[str]:
         return [self.key, *self._tokens]
@@ -63,7 +62,6 @@ class Firefly(Provider):
             response = self.request("POST", self.token_url, data={
                 "grant_type": "client_credentials", "client_id": self.client_id, "client_secret": self.key,
                 "scope": SCOPES}, auth=False)
-            self.token_requests += 1
             if response.status_code in (400, 401, 403):
                 where = f"the environment variables {self.opts.client_id_env} and {self.opts.api_key_env}"
                 raise GenerateError(f"{public_url(self.token_url)} refused the client credentials "

@@ -52,13 +52,7 @@ class OpenAIChat(OpenAIImages):
                       requests=raw.retries_taken + 1, retries=raw.retries_taken)
 
     def chat_body(self, raw: Any) -> dict[str, Any]:
-        http = raw.http_response
-        try:
-            body = http.json()
-        except ValueError:
-            kind = http.headers.get("content-type", "no content type")
-            raise GenerateError(f"{self.endpoint()} answered 200 with {kind}, not a chat completion "
-                                f"({http.text[:80]!r}); check --api-base (it ends in /v1)") from None
+        body = self.body_of(raw, "a chat completion")
         if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
             raise GenerateError(f"{self.endpoint()} answered 200 without \"choices\": not a chat completion; "
                                 "check --api-base and --provider")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 from typing import Any, Optional
 
-from pipeline.data.remote import public_url
 from pipeline.services.providers.base import Answer, GenerateError, Provider, Refused, Submitted
 
 REFUSAL_CODES = ("content_policy_violation", "moderation_blocked")  # DALL-E's and gpt-image's
@@ -76,13 +75,7 @@ class OpenAIImages(Provider):
         import openai.types
 
         url = self.endpoint()
-        http = raw.http_response
-        try:
-            body = http.json()
-        except ValueError:
-            kind = http.headers.get("content-type", "no content type")
-            raise GenerateError(f"{url} answered 200 with {kind}, not the JSON of an images API "
-                                f"({http.text[:80]!r}); check --api-base (it ends in /v1)") from None
+        body = self.body_of(raw, "the JSON of an images API")
         if not isinstance(body, dict) or "data" not in body or not isinstance(body["data"], list):
             shape = f"an object with {sorted(body)[:5]}" if isinstance(body, dict) else f"a JSON {type(body).__name__}"
             raise GenerateError(f"{url} answered 200 with {shape}, not an images response ({{\"data\": [...]}}); "
@@ -93,6 +86,16 @@ class OpenAIImages(Provider):
         if not isinstance(response, openai.types.ImagesResponse):
             raise GenerateError(f"{url} answered 200 with {type(response).__name__}, not an images response")
         return response
+
+    def body_of(self, raw: Any, expected: str) -> Any:
+        """The JSON of an SDK call's 200; not JSON at all (an HTML login page) means the wrong --api-base."""
+        http = raw.http_response
+        try:
+            return http.json()
+        except ValueError:
+            kind = http.headers.get("content-type", "no content type")
+            raise GenerateError(f"{self.endpoint()} answered 200 with {kind}, not {expected} "
+                                f"({http.text[:80]!r}); check --api-base (it ends in /v1)") from None
 
     def status_text(self, e: Any, url: Optional[str] = None) -> str:
         """What went wrong, where, and the fix: the endpoint and the key's variable name, never the key."""
@@ -115,9 +118,6 @@ class OpenAIImages(Provider):
         elif status == 429 or (isinstance(status, int) and status >= 500):
             text += f" after {self.opts.max_retries} retries"
         return text
-
-    def endpoint(self) -> str:
-        return f"{public_url(self.base)}{self.path}"
 
     def close(self) -> None:
         super().close()

@@ -29,25 +29,24 @@ class Stability(Provider):
     def path(self) -> str:  # type: ignore[override]
         return f"/v2beta/stable-image/generate/{'sd3' if self.opts.model.startswith('sd3') else self.opts.model}"
 
-    def aspect_ratio(self) -> Optional[str]:
-        size = size_of(self.opts.size)
-        if size is None:
-            return None
-        ratio = Fraction(*size)
-        text = f"{ratio.numerator}:{ratio.denominator}"
-        if text not in ASPECT_RATIOS:
-            raise GenerateError(f"--size {self.opts.size} is the aspect ratio {text}; Stability's API takes one of "
-                                f"{', '.join(ASPECT_RATIOS)}")
-        return text
-
-    def run(self, prompt: Any, index: int, task: Optional[dict[str, Any]], submitted: Submitted,
-            deadline: float) -> Answer:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # both checked before any request: every prompt would be refused the same way
         if self.opts.model not in ("core", "ultra") and not self.opts.model.startswith("sd3"):
             raise GenerateError(f"--model {self.opts.model!r}: Stability's endpoints are core, ultra and sd3 "
                                 "(with --model sd3.5-large, sd3.5-medium, ...)")
+        size = size_of(self.opts.size)
+        self.ratio = Fraction(*size) if size else None
+        self.aspect_ratio = f"{self.ratio.numerator}:{self.ratio.denominator}" if self.ratio else None
+        if self.aspect_ratio is not None and self.aspect_ratio not in ASPECT_RATIOS:
+            raise GenerateError(f"--size {self.opts.size} is the aspect ratio {self.aspect_ratio}; Stability's API "
+                                f"takes one of {', '.join(ASPECT_RATIOS)}")
+
+    def run(self, prompt: Any, index: int, task: Optional[dict[str, Any]], submitted: Submitted,
+            deadline: float) -> Answer:
         form = {"prompt": prompt.prompt, "output_format": "png"}
-        if self.aspect_ratio():
-            form["aspect_ratio"] = str(self.aspect_ratio())
+        if self.aspect_ratio:
+            form["aspect_ratio"] = self.aspect_ratio
         if self.opts.model.startswith("sd3") and self.opts.model != "sd3":
             form["model"] = self.opts.model
         url = self.base + self.path
@@ -71,8 +70,6 @@ class Stability(Provider):
                       retries=retries_taken(response))
 
     def size_problem(self, size: tuple[int, int]) -> Optional[str]:
-        expected = size_of(self.opts.size)
-        want = expected[0] / expected[1] if expected else None
-        if want is not None and abs(size[0] / size[1] - want) > 0.02 * want:
-            return f"asked for the aspect ratio {self.aspect_ratio()} but got {size[0]}x{size[1]}"
+        if self.ratio is not None and abs(size[0] / size[1] - self.ratio) > 0.02 * self.ratio:
+            return f"asked for the aspect ratio {self.aspect_ratio} but got {size[0]}x{size[1]}"
         return None
