@@ -139,3 +139,13 @@ def test_remote_shards_benchmark_compares_http_and_s3_with_local(tmp_path):
         assert row["local_mmap"] > 0 and row["http"] > 0 and row["s3"] > 0 and row["http_cached"] > 0
         assert row["http_vs_local"] == pytest.approx(row["http"] / row["local_mmap"], rel=1e-2)
         assert row["http_cached_vs_local"] == pytest.approx(row["http_cached"] / row["local_mmap"], rel=1e-2)
+
+
+@pytest.mark.slow
+def test_two_stage_benchmark_compares_latent_and_pixel_models_and_the_codebook_fix(tmp_path):
+    rows = _run("two_stage.py", "--small", tmp_path=tmp_path, cwd=tmp_path, timeout=900)["two_stage"]
+    assert {"train", "encoding", "sampling", "codebook"} <= set(rows)
+    assert all(v > 0 for k, v in rows["train"].items())
+    assert rows["encoding"]["precomputed_images_per_s"] > 0 and rows["sampling"]["latent_ddpm_images_per_s"] > 0
+    # even after a few steps, the l2-normalised codebook is in use and the plain one is not
+    assert rows["codebook"]["l2_normalized"]["codebook_usage"] > rows["codebook"]["plain"]["codebook_usage"]

@@ -21,7 +21,8 @@ LAYERS = {
     "pipeline.fit": 3,
     "pipeline.models": 2, "pipeline.metrics": 2,
     "pipeline.data": 1,
-    "pipeline.io": 0, "pipeline.registry": 0, "pipeline.seeds": 0, "pipeline.console": 0, "pipeline": 0,
+    "pipeline.io": 0, "pipeline.weights": 0, "pipeline.registry": 0, "pipeline.seeds": 0, "pipeline.console": 0,
+    "pipeline": 0,
 }
 
 

@@ -23,6 +23,7 @@ import torch
 from pipeline.data.datamodule import reference_batches
 from pipeline.data.generated import IMAGES, generated_images, is_generated_set, labels_of
 from pipeline.data.imagefile import MAX_PIXELS, ImageError, load_image
+from pipeline.data.imageops import to_uint8
 from pipeline.data.manifest import load_manifest, manifest_hash
 from pipeline.data.prompts import Prompt, PromptSuiteError
 from pipeline.data.remote import public_url
@@ -305,6 +306,28 @@ class ModelSamples:
                 stop = min(start + batch_size, last)
                 yield Batch(torch.arange(start, stop), images[start - first:stop - first].cpu(),
                             self.model.default_labels(stop - start, start))
+
+
+class Reconstructions:
+    """A split of shards through an autoencoder and back (its posterior mean decoded): the first stage's reference
+    row, the floor every latent model on it can reach. Labels are the images' own."""
+
+    def __init__(self, model, images: ShardImages) -> None:
+        self.model, self.images = model, images
+        self.num_images, self.shape = images.num_images, images.shape
+        self.sampling_seconds = 0.0
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "reconstructions", "family": self.model.family, "num_images": self.num_images,
+                "of": self.images.describe()}
+
+    def batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+        for batch in self.images.batches(batch_size, rank, world_size):
+            t0 = time.perf_counter()
+            x = batch.images.to(self.model.device).float().div_(127.5).sub_(1.0)
+            images = to_uint8(self.model.reconstruct(x)).cpu()
+            self.sampling_seconds += time.perf_counter() - t0
+            yield Batch(batch.index, images, batch.labels)
 
 
 class UniformNoise:

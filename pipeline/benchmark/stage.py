@@ -26,6 +26,7 @@ from pipeline.benchmark.images import (
     GeneratedSet,
     ImageSourceError,
     ModelSamples,
+    Reconstructions,
     ShardImages,
     UniformNoise,
     open_images,
@@ -72,9 +73,13 @@ def checkpoint_progress(ckpt: Path) -> dict[str, Any]:
     genbench = state.get("genbench", {})
     images, fpi = genbench.get("images_seen"), genbench.get("flops_per_image")
     seconds = genbench.get("device_seconds")
+    # a two-stage model's training includes its first stage's (an equal-compute comparison with pixel models)
+    first = genbench.get("first_stage") or {}
+    first_flops = first.get("training_flops") or 0.0
     return {"global_step": state.get("global_step"), "images_seen": images,
-            "training_flops": None if images is None or fpi is None else images * fpi,
-            "device_hours_trained": None if seconds is None else seconds / 3600}
+            "training_flops": None if images is None or fpi is None else images * fpi + first_flops,
+            "device_hours_trained": None if seconds is None else seconds / 3600 + (first.get("device_hours") or 0.0),
+            "first_stage": first or None}
 
 
 def run_checkpoints(run_dir: Path, which: str = "last") -> list[Path]:
@@ -237,33 +242,54 @@ def benchmark_run(run_dir: str | os.PathLike, num_samples: Optional[int] = None,
     check_writable(results_dir)
     data = config["data"]["init_args"]
     # the images at the size and channels the model was trained on (data.image_size etc., when set)
-    reference = ShardImages(data["shards"], "train", fit={k: data.get(k) for k in FIT_KEYS})
+    fit = {k: data.get(k) for k in FIT_KEYS}
+    reference = ShardImages(data["shards"], "train", fit=fit)
     precision = sample_precision or bench.get("sample_precision", "fp32")
+    first_stage_row = not model.samples
     try:
-        sources = [ModelSamples(model, num_samples, s, precision) for s in range(seed, seed + repeats)]
+        if first_stage_row:  # a first stage is scored on its reconstructions: deterministic, so one draw
+            if repeats > 1:
+                raise BenchmarkError(f"--repeats {repeats}: {run_dir} is a {model.family}, scored on its "
+                                     "reconstructions of the val split, which are the same every time; drop --repeats")
+            sources: list = [Reconstructions(model, ShardImages(data["shards"], "val", fit=fit))]
+            num_samples, seed, repeats = sources[0].num_images, None, 1
+        else:
+            sources = [ModelSamples(model, num_samples, s, precision) for s in range(seed, seed + repeats)]
     except ValueError as e:
         raise BenchmarkError(f"{e} (--sample-precision or the run's benchmark.sample_precision)") from e
+    except ImageSourceError as e:
+        raise BenchmarkError(f"an autoencoder's row reconstructs the val split: {e}") from e
     scorer = Scorer(reference, opts, placement, sources[0].shape, held_out=held_out_split(reference))
     metrics_, std, draws, skipped, protocol, evidence = _evaluate(scorer, sources)
     protocol.update(seed=seed, repeats=repeats, sampling={k: v for k, v in sources[0].describe().items()
                                                          if k in ("precision", "compiled")})
+    if first_stage_row:
+        protocol["images"] = sources[0].describe()
     seconds = sum(s.sampling_seconds for s in sources)
     cost = model.cost()
     ckpt_name = (checkpoint or Path(LAST)).name
     stem = run_dir.name if ckpt_name == LAST else f"{run_dir.name}-{Path(ckpt_name).stem}"
+    first = progress["first_stage"] or {}
+    device_hours = run_info.get("device_hours") if ckpt_name == LAST else progress["device_hours_trained"]
+    if ckpt_name == LAST and device_hours is not None:  # run.json's clock is this run's; its first stage's too
+        device_hours += first.get("device_hours") or 0.0
+    extra = {"reference_row": "reconstruction"} if first_stage_row else {}
     return _write_record(
         results_dir, _record_name(stem, num_samples, seed), placement, metrics_, std, draws, skipped, protocol,
         evidence, run_id=run_dir.name, run_dir=str(run_dir), family=model.family, conditional=model.conditional,
-        checkpoint=ckpt_name, budget=budget_of(run_info, ckpt_name, progress),
-        provenance={k: run_info.get(k) for k in ("config_hash", "git", "packages", "data", "seed", "hardware",
-                                                 "world_size", "status")},
+        checkpoint=ckpt_name, budget=None if first_stage_row else budget_of(run_info, ckpt_name, progress),
+        provenance={**{k: run_info.get(k) for k in ("config_hash", "git", "packages", "data", "seed", "hardware",
+                                                    "world_size", "status")},
+                    # the two-stage model's first stage as its checkpoint names it: run id, checkpoint sha256
+                    **({"first_stage": first, "latent_scale": run_info.get("latent_scale")} if first else {})},
         cost={"parameters": cost["parameters"], "nfe": cost["nfe"], "bits_per_dim": cost["bits_per_dim"],
               "sampling_images_per_s": round(num_samples * repeats / seconds, 2) if seconds else None,
               # training progress of the weights that were scored, read from their checkpoint
-              "device_hours": run_info.get("device_hours") if ckpt_name == LAST else progress["device_hours_trained"],
+              "device_hours": device_hours,
               "device_hours_trained": progress["device_hours_trained"], "images_seen": progress["images_seen"],
               "training_flops": progress["training_flops"],
-              "global_step": progress["global_step"]})
+              "decoder_flops_per_sample": cost.get("decoder_flops_per_sample"),
+              "global_step": progress["global_step"]}, **extra)
 
 
 def budget_of(run_info: dict[str, Any], ckpt_name: str, progress: dict[str, Any]) -> Optional[dict[str, Any]]:
@@ -362,13 +388,15 @@ def _external_cost(external: Optional[dict[str, Any]]) -> dict[str, Any]:
 
 
 def benchmark_reference_rows(shards: str, num_samples: int, seed: int = 0, results: str = "results",
-                             opts: Optional[ScoreOptions] = None, placement: Placement = Placement()) -> list[Path]:
+                             opts: Optional[ScoreOptions] = None, placement: Placement = Placement(),
+                             fit: Optional[dict[str, Any]] = None) -> list[Path]:
     """The leaderboard's frame: the held-out val split scored as if generated (the floor a perfect
-    model reaches at that sample count) and uniform noise (the ceiling), both against the train split."""
+    model reaches at that sample count) and uniform noise (the ceiling), both against the train split.
+    ``fit``: the runs' data.image_size etc., so the frame is at the size the models were trained and scored at."""
     opts = opts or ScoreOptions()
     out = []
-    ref = open_reference(shards)
-    val = ShardImages(shards, "val")
+    ref = ShardImages(shards, "train", fit) if fit else open_reference(shards)
+    val = ShardImages(shards, "val", fit)
     scorer = Scorer(ref, opts, placement, ref.shape, held_out=val)  # one reference pass for both rows
     noise = UniformNoise(num_samples, ref.shape, seed)
     for run_id, row, source, s in ((FLOOR, "floor", val, None), (CEILING, "ceiling", noise, seed)):

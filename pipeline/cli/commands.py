@@ -277,8 +277,9 @@ def cmd_fetch_weights(args, extra) -> int:
     from pipeline.metrics.clip import CLIP_WEIGHTS
     from pipeline.metrics.dinov2 import DINOV2_WEIGHTS
     from pipeline.metrics.features import INCEPTION_WEIGHTS
+    from pipeline.models.perceptual import VGG16_WEIGHTS
 
-    weights = {"inception": INCEPTION_WEIGHTS, "dinov2": DINOV2_WEIGHTS, "clip": CLIP_WEIGHTS}
+    weights = {"inception": INCEPTION_WEIGHTS, "dinov2": DINOV2_WEIGHTS, "clip": CLIP_WEIGHTS, "vgg16": VGG16_WEIGHTS}
     for name in args.networks or ["inception"]:
         print(f"{weights[name].network} weights: {weights[name].download()}")
     return 0

@@ -16,8 +16,8 @@ COMMANDS = {
                 "suite; resumable",
     "serve": "an OpenAI-compatible images endpoint in front of a trained run (POST /v1/images/generations)",
     "train-auditor": "train the auditor classifier of a shard directory (done automatically by benchmark)",
-    "fetch-weights": "download feature-network weights (InceptionV3, DINOv2, CLIP) into the torch hub cache "
-                     "(needs internet)",
+    "fetch-weights": "download network weights (InceptionV3, DINOv2, CLIP, LPIPS's VGG16) into the torch hub "
+                     "cache (needs internet)",
 }
 
 
@@ -212,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --image-size: how images are fitted (default center-crop)")
 
     fetch = sub.add_parser("fetch-weights", help=COMMANDS["fetch-weights"], description=COMMANDS["fetch-weights"])
-    fetch.add_argument("networks", nargs="*", choices=("inception", "dinov2", "clip"), metavar="NETWORK",
+    fetch.add_argument("networks", nargs="*", choices=("inception", "dinov2", "clip", "vgg16"),
+                       metavar="NETWORK",
                        help="inception (default), dinov2 (DINOv2 ViT-L/14, 1.2 GB, for --metrics fd_dinov2), clip "
-                            "(CLIP ViT-B/32, 600 MB, for clip_score and the demographic audit)")
+                            "(CLIP ViT-B/32, 600 MB, for clip_score and the demographic audit), vgg16 (528 MB, the "
+                            "autoencoder's perceptual loss)")
     return p

@@ -58,8 +58,11 @@ def point_name(unit: str, amount: float) -> str:
 def spent(module: Any) -> dict[str, Optional[float]]:
     """What a module's training has spent so far, in every unit (FLOPs once measured)."""
     fpi = getattr(module, "flops_per_image", None)
-    return {"images": float(module.images_seen), "flops": None if fpi is None else module.images_seen * fpi,
-            "device_hours": module.device_seconds / 3600}
+    # a two-stage model starts with its first stage's FLOPs and device-hours spent (images are its own)
+    first = module.first_stage_spent() if hasattr(module, "first_stage_spent") else {"flops": 0.0, "device_hours": 0.0}
+    return {"images": float(module.images_seen),
+            "flops": None if fpi is None else module.images_seen * fpi + first["flops"],
+            "device_hours": module.device_seconds / 3600 + first["device_hours"]}
 
 
 class TrainingBudget(Callback):

@@ -142,6 +142,7 @@ class ProvenanceCallback(Callback):
             "device_hours": previous.get("device_hours", 0.0),
             "images_seen": pl_module.images_seen,
             "resumes": previous.get("resumes", []),
+            **(pl_module.provenance() if isinstance(pl_module, GenerativeModule) else {}),
         }
         atomic_write_json(self.run_dir / "run.json", self.record)
 
@@ -177,6 +178,8 @@ class ProvenanceCallback(Callback):
             "images_seen": pl_module.images_seen,
             **self.budget,
             "cost": pl_module.cost() if isinstance(pl_module, GenerativeModule) else None,
+            # a two-stage model's first stage (run id, checkpoint sha256) and, for a latent DDPM, its latent scale
+            **(pl_module.provenance() if isinstance(pl_module, GenerativeModule) else {}),
         })
         skipped = {split: self._skipped_before.get(split, 0) + n for split, n in self._skipped.items()}
         self.record["data"]["skipped_samples"] = skipped  # all attempts; rank 0's share when a run fails

@@ -63,6 +63,12 @@ class DryRun(Exception):
         self.config, self.config_yaml, self.run_dir = config, config_yaml, run_dir
 
 
+# Model options added after runs existed, with the default that keeps a run's behaviour as it was (the latent
+# and guidance options of the two-stage models): left out of the hash at that default.
+ADDED_MODEL_DEFAULTS = {"first_stage": None, "latent_scale": None, "top_p": 1.0}
+ADDED_AR_DEFAULTS = {"p_uncond": 0.0, "guidance_scale": 1.0}
+
+
 def config_hash(config: Namespace) -> str:
     """What is trained: the config less the groups that do not change it and the schedule's length."""
     data = {k: v for k, v in config.as_dict().items() if k not in NON_TRAINING_GROUPS}
@@ -71,6 +77,12 @@ def config_hash(config: Namespace) -> str:
     init.pop("verify", None)  # how far the bytes are checked, not which are trained on
     if init.get("max_pixels") == MAX_PIXELS:  # the default: runs made before the option keep their names
         init.pop("max_pixels")
+    model = (data.get("model") or {}).get("init_args") or {}
+    added = ADDED_MODEL_DEFAULTS | (ADDED_AR_DEFAULTS if str((data.get("model") or {}).get("class_path", "")).endswith(
+        ".Autoregressive") else {})
+    for key, default in added.items():  # options added since: at their default, old names stand
+        if key in model and model[key] == default:
+            model.pop(key)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 

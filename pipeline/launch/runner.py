@@ -23,7 +23,7 @@ from jsonargparse import ArgumentParser
 from pipeline import leaderboard
 from pipeline.benchmark import ScoreOptions, benchmark_reference_rows, benchmark_run
 from pipeline.benchmark.images import ShardImages
-from pipeline.benchmark.stage import checkpoint_progress, read_run_info, run_checkpoints
+from pipeline.benchmark.stage import FIT_KEYS, checkpoint_progress, read_run_info, run_checkpoints
 from pipeline.fit.budget import parse_budget
 from pipeline.fit.checkpoints import LAST
 from pipeline.fit.train import DryRun, config_hash, ensure_shards, resolve
@@ -37,6 +37,9 @@ class Suite:
     Args:
         experiments: experiment YAML files, relative to the suite file.
         overrides: dotted overrides applied to every experiment, e.g. ``--trainer.max_steps=100``.
+        first_stages: experiment -> the experiment (earlier in ``experiments``) whose run is its first stage: its
+            run directory is passed as ``--model.init_args.first_stage``, so a two-stage suite needs no run ids.
+        experiment_overrides: experiment -> dotted overrides of that experiment alone (after ``overrides``).
         runs: directory of the run directories.
         results: directory of the result records.
         leaderboard: directory the leaderboard is written to.
@@ -44,6 +47,8 @@ class Suite:
 
     experiments: list[str] = field(default_factory=list)
     overrides: list[str] = field(default_factory=list)
+    first_stages: dict[str, str] = field(default_factory=dict)
+    experiment_overrides: dict[str, list[str]] = field(default_factory=dict)
     runs: str = "runs"
     results: str = "results"
     leaderboard: str = "leaderboard"
@@ -62,8 +67,22 @@ def load_suite(path: Path) -> Suite:
     experiments = [str((path.parent / e)) for e in cfg.experiments]
     if not experiments:
         raise ValueError(f"{path}: `experiments` is empty; list the experiment files to run")
+    first_stages = {}
+    for second, first in (cfg.first_stages or {}).items():
+        if second not in cfg.experiments or first not in cfg.experiments:
+            raise ValueError(f"{path}: first_stages names {second!r}: {first!r}, but both must be listed in "
+                             "`experiments`")
+        if cfg.experiments.index(first) > cfg.experiments.index(second):
+            raise ValueError(f"{path}: the first stage {first!r} must come before {second!r} in `experiments` "
+                             "(it is trained first)")
+        first_stages[str(path.parent / second)] = str(path.parent / first)
+    unknown = sorted(set(cfg.experiment_overrides or {}) - set(cfg.experiments))
+    if unknown:
+        raise ValueError(f"{path}: experiment_overrides names {unknown}, which `experiments` does not list")
     return Suite(experiments=experiments, overrides=list(cfg.overrides), runs=cfg.runs, results=cfg.results,
-                 leaderboard=cfg.leaderboard)
+                 leaderboard=cfg.leaderboard, first_stages=first_stages,
+                 experiment_overrides={str(path.parent / k): list(v) for k, v in
+                                       (cfg.experiment_overrides or {}).items()})
 
 
 class Job(NamedTuple):
@@ -119,18 +138,20 @@ def existing_record(job: Job, records: list[dict], ckpt: Optional[Path] = None) 
         if (record.get("run_id") == job.run_dir.name and record.get("provenance", {}).get("config_hash") == chash
                 and record.get("cost", {}).get("global_step") == step
                 and record.get("checkpoint", LAST) == ckpt.name
-                and protocol.get("num_samples") == bench.num_samples and protocol.get("seed") == bench.seed
+                # a first stage's row always reconstructs its whole val split, whatever benchmark.num_samples says
+                and (record.get("reference_row") == "reconstruction" or
+                     (protocol.get("num_samples") == bench.num_samples and protocol.get("seed") == bench.seed))
                 and protocol.get("repeats", 1) == 1
                 and ("inception" in protocol.get("extractors", {})) == with_inception):
             return record
     return None
 
 
-def has_reference_rows(results: Path, shards: str) -> bool:
-    """Whether ``results`` already holds the floor and ceiling rows of this data set."""
+def has_reference_rows(results: Path, shards: str, fit: Optional[dict] = None) -> bool:
+    """Whether ``results`` already holds the floor and ceiling rows of this data set (at this size)."""
     if not results.exists():
         return False
-    data_hash = ShardImages(shards, "train").content_hash
+    data_hash = ShardImages(shards, "train", fit).content_hash
     rows = {r.get("reference_row") for r in leaderboard.load_records(results)
             if r.get("reference_row") and r["protocol"]["reference"]["hash"] == data_hash}
     return {"floor", "ceiling"} <= rows
@@ -146,9 +167,14 @@ def run(paths: list[str], overrides: list[str], runs: Optional[str] = None, resu
         root = runs or suite.runs
         res = results or suite.results
         suite_results, suite_board = res, leaderboard_dir or suite.leaderboard
+        run_dirs: dict[str, Path] = {}
         for exp in suite.experiments:
-            args = ["--config", exp, *suite.overrides, *overrides, f"--run.root={root}", f"--benchmark.results={res}"]
+            args = ["--config", exp, *suite.overrides, *suite.experiment_overrides.get(exp, []), *overrides,
+                    f"--run.root={root}", f"--benchmark.results={res}"]
+            if exp in suite.first_stages:  # the run directory the first stage's experiment trains into
+                args.append(f"--model.init_args.first_stage={run_dirs[suite.first_stages[exp]]}")
             resolved: DryRun = resolve(args)  # validates now: nothing runs if any experiment is malformed
+            run_dirs[exp] = resolved.run_dir
             jobs.append(Job(exp, args, resolved.run_dir, config_hash(resolved.config), res, resolved.config))
     for job in jobs:  # shards first, then every model against its data, still before any training
         ensure_shards(job.config.data, job.config.prepare)
@@ -178,11 +204,13 @@ def run(paths: list[str], overrides: list[str], runs: Optional[str] = None, resu
                                  checkpoint=ckpt)
             if path is not None:
                 print(leaderboard.record_summary(json.loads(path.read_text())), flush=True)
-    for job in jobs:  # the floor and ceiling rows, once per results directory and data set
+    for job in jobs:  # the floor and ceiling rows, once per results directory, data set and size trained at
         shards = job.config.data.init_args.shards
-        if not has_reference_rows(Path(job.results), shards):
+        fit = {k: job.config.data.init_args.get(k) for k in FIT_KEYS}
+        if not has_reference_rows(Path(job.results), shards, fit):
             for record in benchmark_reference_rows(shards, job.config.benchmark.num_samples, job.config.benchmark.seed,
-                                                   results=job.results, opts=ScoreOptions(progress=progress)):
+                                                   results=job.results, opts=ScoreOptions(progress=progress),
+                                                   fit=fit):
                 print(f"[benchmark] wrote reference row {record}", flush=True)
 
     assert suite_results and suite_board, "a suite names its results and leaderboard directories"

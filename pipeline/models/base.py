@@ -15,6 +15,7 @@ from pytorch_lightning.callbacks.weight_averaging import EMAWeightAveraging
 from pytorch_lightning.utilities import GradClipAlgorithmType
 
 from pipeline.data.imageops import to_uint8
+from pipeline.models.first_stage import FirstStage, expecting
 from pipeline.registry import Registry
 from pipeline.seeds import stable_seed
 
@@ -72,6 +73,7 @@ class GenerativeModule(LightningModule):
     """
 
     family = "base"  # each family's registry name, written once: FAMILIES registers it under this
+    samples = True  # a generator; False for a first stage, which the benchmark scores on its reconstructions
     lr_keys: tuple[str, ...] = ("lr",)  # its learning-rate arguments, named when a run diverges
 
     # Keyword-only: a family passes its arguments by name, so none can land in another's place.
@@ -99,6 +101,15 @@ class GenerativeModule(LightningModule):
         self.last_bits_per_dim: Optional[float] = None
         self._nonfinite: Optional[torch.Tensor] = None  # [first non-finite step, its loss], see check_finite
         self._batches_unchecked = 0
+        self.first_stage: Optional[FirstStage] = None  # a two-stage model's autoencoder (pipeline.models.first_stage)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args: Any, **kwargs: Any):
+        """Lightning's, with the checkpoint's first-stage record handed to ``__init__``: a two-stage model then
+        refuses any other first stage (or a missing one) with the hash it was trained on."""
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
+        with expecting(state.get("genbench", {}).get("first_stage")):
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     # -- what every family implements ----------------------------------------------------------
     def generate(self, noise: PerSampleNoise, labels: Optional[torch.Tensor]) -> torch.Tensor:
@@ -162,11 +173,44 @@ class GenerativeModule(LightningModule):
                                                       dtype=torch.uint8)
 
     def cost(self) -> dict[str, Any]:
-        """Cost figures for the leaderboard: parameters, network evaluations per sample, likelihood."""
-        return {"parameters": sum(p.numel() for p in self.parameters()), "nfe": self.nfe,
-                "bits_per_dim": self.last_bits_per_dim, "images_seen": self.images_seen,
-                "flops_per_image": self.flops_per_image,
-                "training_flops": None if self.flops_per_image is None else self.images_seen * self.flops_per_image}
+        """Cost figures for the leaderboard: parameters, network evaluations per sample, likelihood. A two-stage
+        model counts its first stage in: its parameters, one decoder pass per sample (NFE and FLOPs) and its
+        training FLOPs, so that latent and pixel models compare at equal compute."""
+        own = None if self.flops_per_image is None else self.images_seen * self.flops_per_image
+        out: dict[str, Any] = {"parameters": sum(p.numel() for p in self.parameters()), "nfe": self.nfe,
+                               "bits_per_dim": self.last_bits_per_dim, "images_seen": self.images_seen,
+                               "flops_per_image": self.flops_per_image, "training_flops": own}
+        if self.first_stage is not None:
+            first = self.first_stage.record
+            out.update(parameters=out["parameters"] + first["parameters"], nfe=self.nfe + 1,
+                       decoder_flops_per_sample=first["decoder_flops_per_sample"],
+                       training_flops=None if own is None or first["training_flops"] is None
+                       else own + first["training_flops"],
+                       first_stage={k: first[k] for k in ("run_id", "sha256", "parameters", "images_seen",
+                                                          "training_flops", "device_hours")})
+        return out
+
+    def attach_first_stage(self, run_dir: str, quantizer: Optional[str] = None) -> FirstStage:
+        """Make this a two-stage model on the autoencoder of ``run_dir`` (its images are this model's images)."""
+        first = FirstStage(run_dir, FAMILIES["autoencoder"], quantizer)
+        ae = first.model
+        if (ae.image_size, ae.channels) != (self.image_size, self.channels):
+            raise ValueError(f"model.init_args.first_stage {run_dir} encodes {ae.channels}-channel {ae.image_size}x"
+                             f"{ae.image_size} images but this model has channels={self.channels}, image_size="
+                             f"{self.image_size}; set them to the autoencoder's")
+        self.first_stage = first
+        return first
+
+    def first_stage_spent(self) -> dict[str, float]:
+        """What the first stage's training cost, counted into this model's budget (FLOPs, device-hours)."""
+        if self.first_stage is None:
+            return {"flops": 0.0, "device_hours": 0.0}
+        first = self.first_stage.record
+        return {"flops": float(first["training_flops"] or 0.0), "device_hours": float(first["device_hours"] or 0.0)}
+
+    def provenance(self) -> dict[str, Any]:
+        """What run.json records about this model beyond its config: a two-stage model's first stage."""
+        return {} if self.first_stage is None else {"first_stage": dict(self.first_stage.record)}
 
     # -- guards and bookkeeping -----------------------------------------------------------------
     def check_finite(self, loss: torch.Tensor) -> None:
@@ -222,9 +266,13 @@ class GenerativeModule(LightningModule):
         checkpoint["genbench"] = {"images_seen": self.images_seen, "last_bits_per_dim": self.last_bits_per_dim,
                                   "family": self.family, "flops_per_image": self.flops_per_image,
                                   "device_seconds": self.device_seconds}
+        if self.first_stage is not None:  # a checkpoint names the first stage it needs, by checksum
+            checkpoint["genbench"]["first_stage"] = self.provenance()["first_stage"]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("genbench", {})
+        if self.first_stage is not None:  # resuming (genbench fit) on a first stage retrained since
+            self.first_stage.check(state.get("first_stage"))
         self.images_seen = state.get("images_seen", 0)
         self.last_bits_per_dim = state.get("last_bits_per_dim")
         self.flops_per_image = state.get("flops_per_image")

@@ -43,11 +43,17 @@ class DDPM(GenerativeModule):
         warmup_steps: linear learning-rate warm-up.
         channels_last: keep the UNet's weights and activations in NHWC, the layout tensor-core convolutions
             run in (faster in bf16 on a GPU; the same numbers up to rounding).
+        first_stage: an autoencoder's run directory: a latent diffusion model (Rombach et al. 2022) that diffuses
+            that autoencoder's latents, encoded on the fly, and decodes its samples to pixels.
+        latent_scale: the factor latents are multiplied by; None computes it as LDM does, 1 / std of the first
+            training batch's latents (all ranks'), so the diffusion sees unit variance. Kept in checkpoints and
+            run.json.
     """
 
     family = "ddpm"
     betas: torch.Tensor  # buffers registered in __init__
     alphas_cumprod: torch.Tensor
+    latent_scale: torch.Tensor  # a latent model's (registered only with a first stage)
 
     def __init__(self, image_size: int = 32, channels: int = 3, num_classes: Optional[int] = None,
                  timesteps: int = 1000, schedule: Literal["linear", "cosine"] = "linear", ch: int = 128,
@@ -56,7 +62,8 @@ class DDPM(GenerativeModule):
                  sampler: Literal["ddim", "ancestral"] = "ddim", sampling_steps: int = 100, p_uncond: float = 0.1,
                  guidance_scale: float = 1.0, lr: float = 2e-4, warmup_steps: int = 5000,
                  ema_decay: Optional[float] = 0.9999, sample_every_n_steps: int = 500, compile: bool = False,
-                 sample_batch_size: int = 256, channels_last: bool = False) -> None:
+                 sample_batch_size: int = 256, channels_last: bool = False, first_stage: Optional[str] = None,
+                 latent_scale: Optional[float] = None) -> None:
         super().__init__(image_size=image_size, channels=channels, num_classes=num_classes, ema_decay=ema_decay,
                          sample_every_n_steps=sample_every_n_steps, compile=compile,
                          sample_batch_size=sample_batch_size)
@@ -74,7 +81,16 @@ class DDPM(GenerativeModule):
         # the samplers' scalars come from host copies: reading one from a GPU buffer is a sync per step
         self.host_betas, self.host_alphas_cumprod = betas.tolist(), abar.tolist()
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        net = UNet(channels, image_size, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, num_classes)
+        shape = (channels, image_size, image_size)
+        if first_stage is not None:
+            shape = self.attach_first_stage(first_stage).model.latent_shape
+            if latent_scale is not None and latent_scale <= 0:
+                raise ValueError(f"model.init_args.latent_scale={latent_scale} must be positive (or null: computed)")
+            # a buffer, so it is in every checkpoint's state dict (the EMA copy's too); 0 until computed
+            self.register_buffer("latent_scale", torch.tensor(float(latent_scale or 0.0)))
+        self._scale_known = latent_scale is not None
+        self.shape = shape  # what is diffused: the image, or the first stage's latent
+        net = UNet(shape[0], shape[1], ch, ch_mult, num_res_blocks, attn_resolutions, dropout, num_classes)
         self.net = self.maybe_compile(net.to(memory_format=self.memory_format))
 
     @property
@@ -89,8 +105,38 @@ class DDPM(GenerativeModule):
         x_t = (abar.sqrt() * x0 + (1 - abar).sqrt() * eps).contiguous(memory_format=self.memory_format)
         return F.mse_loss(self.net(x_t, t, labels), eps)
 
+    def latents(self, images: torch.Tensor, sample: bool) -> torch.Tensor:
+        """What is diffused: the images themselves, or the first stage's scaled latents of them (a posterior
+        draw in training, as LDM; the mean in validation)."""
+        if self.first_stage is None:
+            return images
+        z = self.first_stage.encode(images, sample=sample)
+        if not self._scale_known:
+            if not self.training:  # Lightning's sanity check before the first step: a provisional factor
+                return z * z.float().var().rsqrt()
+            self._set_latent_scale(z)  # from training images only
+        return z * self.latent_scale
+
+    def _set_latent_scale(self, z: torch.Tensor) -> None:
+        var = z.float().var()
+        if self._trainer is not None and self.trainer.world_size > 1:  # the same factor on every rank
+            var = self.trainer.strategy.reduce(var, reduce_op="mean")
+        self.latent_scale.fill_(float(var.rsqrt()))
+        self._scale_known = True
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.first_stage is not None:  # restored from a checkpoint by now (one host read per fit)
+            self._scale_known = bool(self.latent_scale.item() > 0)
+
+    def provenance(self) -> dict:
+        out = super().provenance()
+        if self.first_stage is not None:
+            out["latent_scale"] = float(self.latent_scale) if self._scale_known else None
+        return out
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        x0 = batch["image"]
+        x0 = self.latents(batch["image"], sample=True)
         n = len(x0)
         t = torch.randint(0, self.timesteps, (n,), device=self.device)
         labels = None
@@ -105,7 +151,7 @@ class DDPM(GenerativeModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # the same objective on held-out images, at fixed timesteps and noise so epochs compare
-        x0 = batch["image"]
+        x0 = self.latents(batch["image"], sample=False)
         g = torch.Generator(device="cpu").manual_seed(batch_idx)
         t = torch.randint(0, self.timesteps, (len(x0),), generator=g).to(self.device)
         eps = torch.randn(x0.shape, generator=g).to(self.device)
@@ -125,7 +171,16 @@ class DDPM(GenerativeModule):
         return free + self.guidance_scale * (cond - free)
 
     def generate(self, noise: PerSampleNoise, labels: Optional[torch.Tensor]) -> torch.Tensor:
-        shape = (self.channels, self.image_size, self.image_size)
+        x = self.diffuse(noise, labels)
+        if self.first_stage is None:
+            return x
+        return self.first_stage.decode(x / self.latent_scale)
+
+    def diffuse(self, noise: PerSampleNoise, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        """The reverse process from noise to a sample of what is diffused (images, or scaled latents)."""
+        shape = self.shape
+        # pixels live in [-1, 1]; latents have no bounds, so LDM clips nothing (clip_denoised=False)
+        lo, hi = (-1.0, 1.0) if self.first_stage is None else (-math.inf, math.inf)
         x = noise.randn(*shape)
         abar = self.host_alphas_cumprod
         if self.sampler == "ancestral":
@@ -138,16 +193,16 @@ class DDPM(GenerativeModule):
                     x = mean + math.sqrt(var) * noise.randn(*shape)
                 else:
                     x = mean
-            return x.clamp(-1, 1)
+            return x.clamp(lo, hi)
         # DDIM, eta = 0: deterministic given x_T
         times = torch.linspace(self.timesteps - 1, 0, self.sampling_steps).round().long().tolist()
         for i, t in enumerate(times):
             eps = self._eps(x, t, labels)
             a_t = abar[t]
-            x0 = ((x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)).clamp(-1, 1)
+            x0 = ((x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)).clamp(lo, hi)
             a_prev = abar[times[i + 1]] if i + 1 < len(times) else 1.0
             x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
-        return x.clamp(-1, 1)
+        return x.clamp(lo, hi)
 
     def configure_optimizers(self):
         opt = self.adam(self.net.parameters(), lr=self.lr)

@@ -243,3 +243,54 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
         x = x + self.attn(self.ln1(x), cache)
         return x + self.mlp(self.ln2(x))
+
+
+# -- Convolutional autoencoder of the latent models (LDM / VQGAN style) ----------------------------
+
+class SpatialEncoder(nn.Module):
+    """Image -> feature map at 1/f resolution (f = 2^(levels-1)), ``out_ch`` channels; fully convolutional,
+    as the first stage of LDM and VQGAN: the latent keeps the image's layout."""
+
+    def __init__(self, in_ch: int, out_ch: int, ch: int, ch_mult: Sequence[int], res_blocks: int) -> None:
+        super().__init__()
+        chs = level_channels(ch, ch_mult)
+        levels, prev = resolution_levels(chs, res_blocks, Downsample)
+        self.net = nn.Sequential(nn.Conv2d(in_ch, chs[0], 3, padding=1), *levels, ResBlock(prev, prev),
+                                 group_norm(prev), nn.SiLU(), nn.Conv2d(prev, out_ch, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class SpatialDecoder(nn.Module):
+    """Feature map at 1/f resolution -> image (``out_ch`` channels), mirroring ``SpatialEncoder``."""
+
+    def __init__(self, in_ch: int, out_ch: int, ch: int, ch_mult: Sequence[int], res_blocks: int) -> None:
+        super().__init__()
+        chs = level_channels(ch, ch_mult)[::-1]
+        levels, prev = resolution_levels(chs, res_blocks, Upsample)
+        self.net = nn.Sequential(nn.Conv2d(in_ch, chs[0], 3, padding=1), ResBlock(chs[0], chs[0]), *levels,
+                                 group_norm(prev), nn.SiLU(), nn.Conv2d(prev, out_ch, 3, padding=1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN discriminator (Isola et al. 2017) as taming-transformers' VQGAN uses it: strided 4x4 convs,
+    one logit per patch. Stride-2 layers stop at a 2x2 map, so a 16x16 digit still gets patches."""
+
+    def __init__(self, in_ch: int, image_size: int, ch: int = 64, max_layers: int = 3) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_ch, ch, 4, 2, 1), nn.LeakyReLU(0.2)]
+        cur, res = ch, image_size // 2
+        for _ in range(max_layers - 1):
+            if res <= 4:
+                break
+            layers += [nn.Conv2d(cur, cur * 2, 4, 2, 1), group_norm(cur * 2), nn.LeakyReLU(0.2)]
+            cur, res = cur * 2, res // 2
+        layers += [nn.Conv2d(cur, cur, 3, 1, 1), group_norm(cur), nn.LeakyReLU(0.2), nn.Conv2d(cur, 1, 3, 1, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

@@ -154,6 +154,9 @@ def build_app(opts: ServeOptions) -> web.Application:
     key = _key(opts)
     run_dir = Path(opts.run)
     model, config, _ = load_run_model(run_dir, opts.device)
+    if not model.samples:
+        raise ServeError(f"{run_dir} is a {model.family} run, a first stage with nothing to sample; serve a latent "
+                         "model trained on it (model.init_args.first_stage) instead")
     class_names = list(load_manifest(config["data"]["init_args"]["shards"]).get("class_names") or [])
     if model.conditional and len(class_names) < model.num_classes:
         class_names = [str(i) for i in range(model.num_classes)]
