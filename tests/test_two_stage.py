@@ -115,6 +115,39 @@ def test_latent_ddpm_samples_pixels_independent_of_batch(ldm_run):
     assert a.dtype == torch.uint8 and a.shape == (6, 1, 16, 16)
     assert torch.equal(a, torch.cat([model.sample(1, seed=3, first_index=i) for i in range(6)]))
     assert torch.equal(a[2:], model.sample(4, seed=3, first_index=2))
+    # the clean-latent estimate is clipped at latent_clip (unit-variance latents), as pixels are at [-1, 1]
+    from pipeline.models.base import PerSampleNoise
+
+    noise = PerSampleNoise(3, range(4), model.device)
+    assert float(model.diffuse(noise, model.default_labels(4)).abs().max()) <= model.latent_clip == 4.0
+
+
+def _draw_on_rank(rank, world, port, run_dir, out):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model, _, _ = load_run_model(run_dir)
+    model.sample_batch_size = 4
+    mine = model.sample(3, seed=5, first_index=rank * 3)  # rank r draws samples [3r, 3r + 3)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine)
+    if rank == 0:
+        torch.save(torch.cat(gathered), out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_latent_samples_split_over_two_ddp_ranks_equal_one_process(ldm_run, tmp_path):
+    import torch.multiprocessing as mp
+
+    from pipeline.benchmark.distributed import free_port
+
+    mp.start_processes(_draw_on_rank, args=(2, free_port(), ldm_run, str(tmp_path / "out.pt")), nprocs=2,
+                       start_method="spawn")
+    model, _, _ = load_run_model(ldm_run)
+    model.sample_batch_size = 4
+    assert torch.equal(torch.load(tmp_path / "out.pt"), model.sample(6, seed=5))
 
 
 def test_a_two_stage_checkpoint_loads_without_data_and_refuses_another_first_stage(tmp_path, digits_shards,

@@ -65,7 +65,7 @@ class DryRun(Exception):
 
 # Model options added after runs existed, with the default that keeps a run's behaviour as it was (the latent
 # and guidance options of the two-stage models): left out of the hash at that default.
-ADDED_MODEL_DEFAULTS = {"first_stage": None, "latent_scale": None, "top_p": 1.0}
+ADDED_MODEL_DEFAULTS = {"first_stage": None, "latent_scale": None, "latent_clip": 4.0, "top_p": 1.0}
 ADDED_AR_DEFAULTS = {"p_uncond": 0.0, "guidance_scale": 1.0}
 
 

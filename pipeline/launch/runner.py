@@ -106,8 +106,10 @@ def _finished(run_dir: Path, chash: str, max_steps: Optional[int], budget: Optio
     if parsed is not None:
         unit, amount = parsed
         cost = info.get("cost") or {}
+        # a two-stage run's FLOPs (cost) include its first stage's; run.json's device-hours are its own
+        first_hours = (info.get("first_stage") or {}).get("device_hours") or 0.0
         spent = {"images": info.get("images_seen"), "flops": cost.get("training_flops"),
-                 "device_hours": info.get("device_hours")}[unit]
+                 "device_hours": None if info.get("device_hours") is None else info["device_hours"] + first_hours}[unit]
         long_enough = long_enough and spent is not None and spent >= amount
     return info.get("status") == "finished" and info.get("config_hash") == chash and long_enough
 

@@ -155,11 +155,11 @@ class Autoregressive(GenerativeModule):
     def _nll(self, batch: dict) -> torch.Tensor:
         tokens = self.tokens(batch["image"])
         labels = batch["label"] if self.conditional else None
+        drop = None
         if labels is not None and self.training and self.p_uncond > 0:
             # classifier-free guidance: the unconditional start token (vocab) in place of the class's
             drop = torch.rand(len(labels), device=labels.device) < self.p_uncond
-            return F.cross_entropy(self.logits(tokens, labels, drop).reshape(-1, self.vocab), tokens.reshape(-1))
-        return F.cross_entropy(self.logits(tokens, labels).reshape(-1, self.vocab), tokens.reshape(-1))
+        return F.cross_entropy(self.logits(tokens, labels, drop).reshape(-1, self.vocab), tokens.reshape(-1))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self._nll(batch)

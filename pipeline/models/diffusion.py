@@ -48,6 +48,10 @@ class DDPM(GenerativeModule):
         latent_scale: the factor latents are multiplied by; None computes it as LDM does, 1 / std of the first
             training batch's latents (all ranks'), so the diffusion sees unit variance. Kept in checkpoints and
             run.json.
+        latent_clip: a latent model's sampler clips its estimate of the clean (scaled, unit-variance) latent to
+            +-latent_clip, as a pixel model clips to [-1, 1]; None clips nothing (LDM's clip_denoised=False). At
+            t near T the estimate divides by sqrt(alpha-bar_T) (2e-9 under the cosine schedule, 4e-5 under the
+            linear one) and a small model's error there, unclipped, sends the whole chain off the data.
     """
 
     family = "ddpm"
@@ -63,7 +67,7 @@ class DDPM(GenerativeModule):
                  guidance_scale: float = 1.0, lr: float = 2e-4, warmup_steps: int = 5000,
                  ema_decay: Optional[float] = 0.9999, sample_every_n_steps: int = 500, compile: bool = False,
                  sample_batch_size: int = 256, channels_last: bool = False, first_stage: Optional[str] = None,
-                 latent_scale: Optional[float] = None) -> None:
+                 latent_scale: Optional[float] = None, latent_clip: Optional[float] = 4.0) -> None:
         super().__init__(image_size=image_size, channels=channels, num_classes=num_classes, ema_decay=ema_decay,
                          sample_every_n_steps=sample_every_n_steps, compile=compile,
                          sample_batch_size=sample_batch_size)
@@ -89,6 +93,9 @@ class DDPM(GenerativeModule):
             # a buffer, so it is in every checkpoint's state dict (the EMA copy's too); 0 until computed
             self.register_buffer("latent_scale", torch.tensor(float(latent_scale or 0.0)))
         self._scale_known = latent_scale is not None
+        if latent_clip is not None and latent_clip <= 0:
+            raise ValueError(f"model.init_args.latent_clip={latent_clip} must be positive (or null: no clipping)")
+        self.latent_clip = latent_clip
         self.shape = shape  # what is diffused: the image, or the first stage's latent
         net = UNet(shape[0], shape[1], ch, ch_mult, num_res_blocks, attn_resolutions, dropout, num_classes)
         self.net = self.maybe_compile(net.to(memory_format=self.memory_format))
@@ -179,8 +186,9 @@ class DDPM(GenerativeModule):
     def diffuse(self, noise: PerSampleNoise, labels: Optional[torch.Tensor]) -> torch.Tensor:
         """The reverse process from noise to a sample of what is diffused (images, or scaled latents)."""
         shape = self.shape
-        # pixels live in [-1, 1]; latents have no bounds, so LDM clips nothing (clip_denoised=False)
-        lo, hi = (-1.0, 1.0) if self.first_stage is None else (-math.inf, math.inf)
+        # pixels live in [-1, 1]; scaled latents have unit variance, and are clipped at latent_clip of it
+        bound = 1.0 if self.first_stage is None else self.latent_clip or math.inf
+        lo, hi = -bound, bound
         x = noise.randn(*shape)
         abar = self.host_alphas_cumprod
         if self.sampler == "ancestral":
