@@ -61,10 +61,11 @@ def test_the_autoencoder_reconstructs_far_better_than_untrained_and_keeps_its_co
     errors = [float((m.reconstruct(x) - x).pow(2).mean()) for m in (trained, untrained)]
     assert errors[0] < 0.25 * errors[1], errors
     if quantizer == "vq":
-        # an l2-normalised codebook stays in use: a collapsed one (a handful of codes) fails both floors
+        # an l2-normalised codebook stays in use (here all 256 codes over the val split's 2,880 positions,
+        # perplexity 234); without it the same fit uses 10% (perplexity 14) and fails both floors
         codes = trained.encode_indices(x)
         usage, perplexity = codebook_usage(torch.bincount(codes.flatten(), minlength=trained.codebook_size))
-        assert usage >= 0.5 and perplexity >= 32, (usage, perplexity)
+        assert usage >= 0.5 and perplexity >= 50, (usage, perplexity)
     info = json.loads((first_stages[quantizer] / "run.json").read_text())
     assert info["family"] == "autoencoder" and info["status"] == "finished"
     assert (first_stages[quantizer] / "samples").glob("reconstructions-step-*.png")

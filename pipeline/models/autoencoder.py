@@ -46,7 +46,8 @@ class Autoencoder(GenerativeModule):
     Args:
         quantizer: ``kl`` (Gaussian latent, KL-regularised) or ``vq`` (codebook).
         downsample: the factor f between image and latent side (1, 2, 4 or 8).
-        latent_channels: channels of the latent (kl); of the encoder output before the code projection (vq).
+        latent_channels: channels of the latent (kl); of the encoder's output, projected to ``code_dim`` when they
+            differ (vq).
         ch: channels of the first level; ``ch_mult`` (one entry per level, log2(f) + 1 of them) widens the rest.
         num_res_blocks: residual blocks per level.
         kl_weight: weight of the KL term (LDM uses 1e-6: a near-deterministic latent).
@@ -99,10 +100,16 @@ class Autoencoder(GenerativeModule):
         self.quantizer_kind, self.downsample = quantizer, downsample
         self.kl_weight, self.recon_loss, self.grad_clip = kl_weight, recon_loss, grad_clip
         self.disc_weight, self.disc_start, self.perceptual_weight = disc_weight, disc_start, perceptual_weight
-        code_ch = 2 * latent_channels if quantizer == "kl" else code_dim
-        self.encoder = self.maybe_compile(SpatialEncoder(channels, code_ch, ch, ch_mult, num_res_blocks))
-        self.decoder = self.maybe_compile(SpatialDecoder(code_ch // 2 if quantizer == "kl" else code_dim, channels,
-                                                         ch, ch_mult, num_res_blocks))
+        moments = 2 * latent_channels if quantizer == "kl" else latent_channels  # kl: mean and log-variance
+        encoder: torch.nn.Module = SpatialEncoder(channels, moments, ch, ch_mult, num_res_blocks)
+        decoder: torch.nn.Module = SpatialDecoder(latent_channels, channels, ch, ch_mult, num_res_blocks)
+        # 1x1 projections to and from the low-dimensional codes (LlamaGen's quant_conv, 256 -> 8 channels); none when
+        # the encoder is as narrow as the codes: on digits (4 -> 4) a projection cut the codebook in use from 100%
+        # to 22% of 256 codes (benchmarks/two_stage.py --only codebook)
+        if quantizer == "vq" and latent_channels != code_dim:
+            encoder = torch.nn.Sequential(encoder, torch.nn.Conv2d(latent_channels, code_dim, 1))
+            decoder = torch.nn.Sequential(torch.nn.Conv2d(code_dim, latent_channels, 1), decoder)
+        self.encoder, self.decoder = self.maybe_compile(encoder), self.maybe_compile(decoder)
         self.gaussian = DiagonalGaussian() if quantizer == "kl" else None
         self.quantizer = VectorQuantizer(codebook_size, code_dim, commitment_weight, l2_normalize) \
             if quantizer == "vq" else None

@@ -51,7 +51,7 @@ class FirstStage:
     """The frozen autoencoder of a run directory, with its record: run id, checkpoint sha256, latent shape, the
     cost of its training (a latent model's budget includes it) and of its decoder."""
 
-    def __init__(self, run_dir: str | Path, autoencoder: type, quantizer: Optional[str] = None) -> None:
+    def __init__(self, run_dir: str | Path, autoencoder: Any, quantizer: Optional[str] = None) -> None:
         """``autoencoder``: the first-stage class (the registry's ``autoencoder``, passed in so that this module
         imports no family)."""
         expected = _EXPECTED.get()
