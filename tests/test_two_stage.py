@@ -394,3 +394,4 @@ def test_a_first_stage_is_neither_served_nor_drawn_again(first_stages, tmp_path)
         build_app(ServeOptions(run=str(first_stages["kl"])))
     with pytest.raises(BenchmarkError, match="drop --repeats"):
         benchmark_run(first_stages["kl"], results=str(tmp_path), repeats=2)
+

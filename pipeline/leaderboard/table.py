@@ -62,8 +62,6 @@ class Column:
 COLUMNS = [
     Column("run", ("run_id",)),
     Column("family", ("family",)),
-    # a two-stage model's autoencoder run (its reconstruction row is the `ref` row of that run id)
-    Column("first_stage", ("provenance", "first_stage", "run_id")),
     Column(KEY_FID, ("metrics", KEY_FID), "{:.3f}", True, True),
     Column(KEY_FID_INF, ("metrics", KEY_FID_INF), "{:.3f}", True, True, n_fair=True),
     Column("is", ("metrics", KEY_IS_MEAN), "{:.3f}", True, False),
@@ -94,6 +92,8 @@ COLUMNS = [
     Column("parameters", ("cost", "parameters"), "{:,}"),
     Column("nfe", ("cost", "nfe"), "{}"),
     Column("sampling_img_per_s", ("cost", "sampling_images_per_s"), "{:.1f}"),
+    # a two-stage model's autoencoder run (its reconstruction row is the `ref` row of that run id)
+    Column("first_stage", ("provenance", "first_stage", "run_id")),
     Column("provider", ("external", "provider")),
     Column("service", ("external", "api_base")),
     Column("refused", ("external", "refused"), "{}"),
