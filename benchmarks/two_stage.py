@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import REPO, StepTimer, device, merge_results, results_path, sync
+from benchmarks.common import REPO, device, merge_results, results_path, sync
+from benchmarks.sample_throughput import rate
+from benchmarks.train_throughput import lightning_rate
 from pipeline.benchmark.images import ShardImages
 from pipeline.benchmark.stage import load_run_model
 from pipeline.data.shards import write_shards
@@ -43,15 +45,8 @@ def common_args(config: str, shards: Path, runs: Path, *extra: str) -> list[str]
 
 
 def fit_rate(args: list[str], warmup: int, steps: int) -> float:
-    import wandb
-
-    cli = GenbenchCLI([*args, "--data.init_args.samples_per_epoch=100000000"])  # one endless epoch
-    timer = StepTimer(warmup, steps)
-    cli.trainer.callbacks.append(timer)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    if wandb.run is not None:
-        wandb.finish()
-    return timer.images_per_s
+    """train_throughput.py's timing of `genbench fit`, over one endless epoch (no loader restarts while timing)."""
+    return lightning_rate([*args, "--data.init_args.samples_per_epoch=100000000"], warmup, steps, 0)
 
 
 def digit_batch(shards: Path, n: int) -> torch.Tensor:
@@ -87,16 +82,10 @@ def plain_ddpm_rate(model, x: torch.Tensor, warmup: int, steps: int, encode: str
 
 
 def sample_rate(model, n: int, repeats: int) -> float:
+    """sample_throughput.py's timing, at ``n`` images per network call."""
     model = model.to(device()).eval()
     model.sample_batch_size = n
-    with torch.autocast(device(), dtype=torch.bfloat16, enabled=device() == "cuda"):
-        model.sample(n, seed=1)  # warm-up
-        sync()
-        t0 = time.perf_counter()
-        for r in range(repeats):
-            model.sample(n, seed=2 + r)
-        sync()
-    return n * repeats / (time.perf_counter() - t0)
+    return rate(model, n, repeats)
 
 
 def codebook_rows(shards: Path, runs: Path, steps: int) -> dict:
