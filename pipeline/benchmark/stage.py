@@ -246,19 +246,21 @@ def benchmark_run(run_dir: str | os.PathLike, num_samples: Optional[int] = None,
     reference = ShardImages(data["shards"], "train", fit=fit)
     precision = sample_precision or bench.get("sample_precision", "fp32")
     first_stage_row = not model.samples
-    try:
-        if first_stage_row:  # a first stage is scored on its reconstructions: deterministic, so one draw
-            if repeats > 1:
-                raise BenchmarkError(f"--repeats {repeats}: {run_dir} is a {model.family}, scored on its "
-                                     "reconstructions of the val split, which are the same every time; drop --repeats")
-            sources: list = [Reconstructions(model, ShardImages(data["shards"], "val", fit=fit))]
-            num_samples, seed, repeats = sources[0].num_images, None, 1
-        else:
+    sources: list
+    if first_stage_row:  # a first stage is scored on its reconstructions: deterministic, so one draw
+        if repeats > 1:
+            raise BenchmarkError(f"--repeats {repeats}: {run_dir} is a {model.family}, scored on its "
+                                 "reconstructions of the val split, which are the same every time; drop --repeats")
+        try:
+            sources = [Reconstructions(model, ShardImages(data["shards"], "val", fit=fit))]
+        except ImageSourceError as e:
+            raise BenchmarkError(f"an autoencoder's row reconstructs the val split: {e}") from e
+        num_samples, seed, repeats = sources[0].num_images, None, 1
+    else:
+        try:
             sources = [ModelSamples(model, num_samples, s, precision) for s in range(seed, seed + repeats)]
-    except ValueError as e:
-        raise BenchmarkError(f"{e} (--sample-precision or the run's benchmark.sample_precision)") from e
-    except ImageSourceError as e:
-        raise BenchmarkError(f"an autoencoder's row reconstructs the val split: {e}") from e
+        except ValueError as e:
+            raise BenchmarkError(f"{e} (--sample-precision or the run's benchmark.sample_precision)") from e
     scorer = Scorer(reference, opts, placement, sources[0].shape, held_out=held_out_split(reference))
     metrics_, std, draws, skipped, protocol, evidence = _evaluate(scorer, sources)
     protocol.update(seed=seed, repeats=repeats, sampling={k: v for k, v in sources[0].describe().items()
