@@ -99,11 +99,12 @@ def run_checkpoints(run_dir: Path, which: str = "last") -> list[Path]:
 
 
 def load_run_model(run_dir: Path, device: str = "cpu", run_info: Optional[dict[str, Any]] = None,
-                   ckpt: Optional[Path] = None):
+                   ckpt: Optional[Path] = None, first_stage: Optional[str] = None):
     """The run's model class from its resolved config, with the EMA weights of ``ckpt`` (default last.ckpt), and
     the training progress of that checkpoint. Refuses a last.ckpt older than the step run.json says training
     reached: its weights would be scored under another step's provenance. ``run_info``: run.json, when the
-    caller has it."""
+    caller has it. ``first_stage``: where a latent model's first stage is now, if it moved (it is found by the
+    checksum the checkpoint records, at the recorded place first)."""
     config_path, ckpt = run_dir / "config.yaml", ckpt or run_dir / "checkpoints" / LAST
     if not config_path.exists():
         raise BenchmarkError(f"{run_dir} has no config.yaml: not a genbench run directory (genbench fit writes one)")
@@ -124,7 +125,11 @@ def load_run_model(run_dir: Path, device: str = "cpu", run_info: Optional[dict[s
     _resolve_data_paths(run_dir, config)
     module, _, name = config["model"]["class_path"].rpartition(".")
     cls = getattr(importlib.import_module(module), name)
-    model = cls.load_from_checkpoint(str(ckpt), map_location=device)
+    if first_stage and not progress["first_stage"]:
+        raise BenchmarkError(f"--first-stage {first_stage}: {run_dir} is not a two-stage run (its checkpoint names no "
+                             "first stage); drop the option")
+    moved = {"first_stage": first_stage} if first_stage else {}
+    model = cls.load_from_checkpoint(str(ckpt), map_location=device, **moved)
     model.eval()
     return model, config, progress
 
@@ -218,14 +223,15 @@ def _record_name(stem: str, num_samples: int, seed: Optional[int]) -> str:
 def benchmark_run(run_dir: str | os.PathLike, num_samples: Optional[int] = None, seed: Optional[int] = None,
                   results: Optional[str] = None, opts: Optional[ScoreOptions] = None,
                   metrics: Optional[str] = None, repeats: int = 1, placement: Placement = Placement(),
-                  sample_precision: Optional[str] = None, checkpoint: Optional[Path] = None) -> Optional[Path]:
+                  sample_precision: Optional[str] = None, checkpoint: Optional[Path] = None,
+                  first_stage: Optional[str] = None) -> Optional[Path]:
     """Sample the EMA weights of the run's ``checkpoint`` (default last.ckpt), score against its training shards,
     write the record (rank 0); its path."""
     run_dir = Path(run_dir)
     opts = opts or ScoreOptions()
     device = opts.device or placement.device
     run_info = read_run_info(run_dir)
-    model, config, progress = load_run_model(run_dir, device, run_info, checkpoint)
+    model, config, progress = load_run_model(run_dir, device, run_info, checkpoint, first_stage)
     bench = config.get("benchmark", {})
     num_samples = num_samples or bench.get("num_samples", 50000)
     seed = bench.get("seed", 0) if seed is None else seed

@@ -13,7 +13,10 @@ def fail(e: BaseException) -> int:
 
 
 def cmd_fit(args: list[str]) -> int:
+    from pipeline.data.manifest import ShardError
     from pipeline.fit.train import ConfigError, DryRun, fit
+    from pipeline.models.base import NonFiniteLoss
+    from pipeline.models.first_stage import FirstStageError
 
     try:
         print(f"run directory: {fit(args)}")
@@ -22,6 +25,9 @@ def cmd_fit(args: list[str]) -> int:
         print(f"# run directory: {d.run_dir}")
     except (ConfigError, argparse.ArgumentError) as e:  # jsonargparse's errors name the bad key
         return fail(e)
+    except (ShardError, FirstStageError, NonFiniteLoss) as e:  # genbench's own, in training: the message is the fix
+        print(f"genbench: error: {e}\ngenbench fit: stopped; {_resume_hint(args)}", file=sys.stderr)
+        return 1
     except BaseException as e:  # Ctrl-C (Lightning turns it into SystemExit(1)), a crash, a kill
         if isinstance(e, SystemExit) and e.code in (0, None):  # --help and --print_config exit cleanly
             raise
@@ -135,6 +141,8 @@ def cmd_benchmark(args, extra) -> int:
         raise ValueError("--images and --reference-rows need --reference SHARDS_OR_FOLDER to compare with")
     if args.run and (args.reference or args.labels or args.name):
         raise ValueError("--run scores against the run's own shards; --reference, --labels and --name go with --images")
+    if args.first_stage and not args.run:
+        raise ValueError("--first-stage tells where a --run's first stage is now; images made elsewhere have none")
     if args.sample_precision and not args.run:
         raise ValueError("--sample-precision sets how a --run's model samples; images made elsewhere are already drawn")
     opts = ScoreOptions(batch_size=args.batch_size, inception_weights=args.inception_weights, auditor=args.auditor,
@@ -148,7 +156,8 @@ def cmd_benchmark(args, extra) -> int:
         if args.run:
             written = [benchmark_run(args.run, num_samples=args.num_samples, seed=args.seed, results=args.results,
                                      opts=opts, metrics=args.metrics, repeats=args.repeats, placement=placement,
-                                     sample_precision=args.sample_precision, checkpoint=ckpt)
+                                     sample_precision=args.sample_precision, checkpoint=ckpt,
+                                     first_stage=args.first_stage)
                        for ckpt in run_checkpoints(Path(args.run), args.checkpoints)]
         elif args.images:
             if args.repeats != 1:
@@ -255,7 +264,7 @@ def cmd_serve(args, extra) -> int:
     try:
         serve(ServeOptions(run=args.run, host=args.host, port=args.port, api_key_env=args.api_key_env,
                            max_n=args.max_n, max_in_flight=args.max_in_flight, seed=args.seed, device=args.device,
-                           body_timeout=args.body_timeout))
+                           body_timeout=args.body_timeout, first_stage=args.first_stage))
     except ServeError as e:
         return fail(e)
     return 0

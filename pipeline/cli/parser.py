@@ -26,6 +26,10 @@ COMMANDS = {
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
 
+FIRST_STAGE_HELP = ("a latent model's first stage (its autoencoder run directory or checkpoint file) where it is now, "
+                    "if it was moved: found by the sha256 the model was trained on (default: the recorded place)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="genbench", description="Train and fairly compare image generators.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -112,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--sample-precision", choices=("fp32", "bf16"),
                        help="with --run: sample in fp32 or under bf16 autocast (default: the run's "
                             "benchmark.sample_precision, fp32); recorded in the protocol")
+    bench.add_argument("--first-stage", metavar="PATH", help=FIRST_STAGE_HELP)
 
     board = sub.add_parser("leaderboard", help=COMMANDS["leaderboard"], description=COMMANDS["leaderboard"])
     board.add_argument("--results", default="results", help="directory of result records (default results/)")
@@ -200,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds a client may take to send its request body; a stalled one gets 408 (default 10)")
     srv.add_argument("--seed", type=int, default=0, help="seed of the served samples (default 0)")
     srv.add_argument("--device", default="cpu", help="torch device to sample on (default cpu)")
+    srv.add_argument("--first-stage", metavar="PATH", help=FIRST_STAGE_HELP)
 
     aud = sub.add_parser("train-auditor", help=COMMANDS["train-auditor"], description=COMMANDS["train-auditor"])
     aud.add_argument("--data", required=True, help="shard directory with labels")

@@ -9,6 +9,7 @@ run.json said otherwise, and the benchmark scored stale weights under the final 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,6 +26,13 @@ class SharedCheckpointIO(TorchCheckpointIO):
     """Lightning's atomic checkpoint save, then the mode a plain ``open`` gives (its temporary file is 0600)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        if os.path.isfile(path) and os.stat(path).st_nlink > 1:
+            # a first stage's checkpoint that a second stage pinned by a hard link (pipeline.models.first_stage.pin):
+            # Lightning's save renames a temporary file over it today; should a later version write in place, it
+            # would write into the pinned file. A copy renamed over it first (never a moment without the file).
+            temp = f"{path}.{os.getpid()}.unlinked"
+            shutil.copyfile(path, temp)
+            os.replace(temp, path)
         super().save_checkpoint(checkpoint, path, storage_options)
         if os.path.isfile(path):
             shared_mode(path)

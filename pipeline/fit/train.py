@@ -41,6 +41,7 @@ from pipeline.fit.tracking import SERVICE_GONE, ContinuingCSVLogger, ResilientWa
 from pipeline.fit.validate import ConfigError, check_epoch_length, check_model_fits_data, check_numbers, check_schedule
 from pipeline.io import atomic_write_text
 from pipeline.models.base import GenerativeModule
+from pipeline.models.first_stage import PINNED, dependents, expecting, identity, missing_message, split
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ def config_hash(config: Namespace) -> str:
     for key, default in added.items():  # options added since: at their default, old names stand
         if key in model and model[key] == default:
             model.pop(key)
+    if model.get("first_stage"):  # the first stage by its checkpoint's hash, not by how its path was typed
+        model["first_stage"] = identity(model["first_stage"])
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -162,9 +165,10 @@ class GenbenchCLI(LightningCLI):
         parser.link_arguments("seed_everything", "data.init_args.seed")
 
     def before_instantiate_classes(self) -> None:
-        check_numbers(self.config)
+        dry = self.config.dry_run or not self._instantiate
+        check_numbers(self.config, weights=not dry)
         self.run_dir = run_directory(self.config)
-        if self.config.dry_run or not self._instantiate:
+        if dry:
             raise DryRun(self.config, self.parser.dump(self.config, skip_none=False), self.run_dir)
         problem = allocation_problem(self.config.trainer.devices) if under_slurm() else None
         if problem:
@@ -175,6 +179,7 @@ class GenbenchCLI(LightningCLI):
         except ShardError as e:  # missing, unreachable or unreadable shards: the message says which and the fix
             raise ConfigError(str(e)) from None
         check_schedule(self.run_dir, self.config.trainer.max_steps)
+        check_first_stage(self.config)
         try:
             self.budget = parse_budget(self.config.run.budget, "run.budget")
             self.evaluate_every = parse_budget(self.config.run.evaluate_every, "run.evaluate_every")
@@ -184,8 +189,11 @@ class GenbenchCLI(LightningCLI):
             self.config.trainer.max_epochs = -1  # Lightning's default of 1000 epochs would cut a budget short
 
     def instantiate_classes(self) -> None:
+        assert self.run_dir is not None
         try:
-            super().instantiate_classes()
+            # a resumed two-stage run is rebuilt on the first stage its checkpoint names (by hash), wherever it is now
+            with expecting(recorded_first_stage(self.run_dir)):
+                super().instantiate_classes()
         except ValueError as e:
             # jsonargparse wraps what a model's or data module's __init__ raised (its own message names the key
             # and the fix) under "Does not validate against any of the Union subtypes" and a namespace dump
@@ -197,6 +205,12 @@ class GenbenchCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         run_dir = self.run_dir
         assert run_dir is not None
+        check = getattr(self.datamodule, "check", None)
+        if check is not None:  # shards whose bytes changed since prepare: one message, before any run directory
+            try:
+                check()
+            except ShardError as e:
+                raise ConfigError(str(e)) from None
         config_yaml = self.parser.dump(self.config, skip_none=False)
         chash = config_hash(self.config)
         if _rank_from_env() == 0:
@@ -274,6 +288,36 @@ def last_checkpoint(run_dir: Path) -> Optional[Path]:
     return path if path.exists() else None
 
 
+def recorded_first_stage(run_dir: Path) -> Optional[dict]:
+    """The first stage the run's last checkpoint was trained on (a two-stage run being resumed), else None."""
+    import torch
+
+    ckpt = last_checkpoint(run_dir)
+    if ckpt is None:
+        return None
+    return torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("genbench", {}).get("first_stage")
+
+
+def check_first_stage(config: Namespace) -> None:
+    """A first stage without a checkpoint that runs under run.root were trained on: say which, with the hash each
+    needs (the model's own message, for a first stage never trained, says how to train one)."""
+    given = config.model.init_args.get("first_stage")
+    if given and not split(given)[1].is_file():
+        runs = dependents(config.run.root, given)
+        if runs:
+            raise ConfigError(missing_message(given, config.model.init_args.get("tokenizer"), runs))
+
+
+def _say_pins_kept(run_dir: Path) -> None:
+    """Continuing an autoencoder that second stages were trained on: their checkpoints stay, and the new one is
+    another first stage."""
+    pins = sorted((run_dir / PINNED).glob("*.ckpt"))
+    if pins and last_checkpoint(run_dir) is not None and _rank_from_env() == 0:
+        print(f"{run_dir}: continuing a first stage that second stages were trained on; the {len(pins)} checkpoint(s) "
+              f"they need stay in {run_dir / PINNED}, and a second stage trained on the continued one is a new run",
+              flush=True)
+
+
 def parse(args: list[str], instantiate: bool = True) -> GenbenchCLI:
     """GenbenchCLI, with a mistyped key explained in one line (the key and the closest valid one)."""
     try:
@@ -289,6 +333,7 @@ def fit(args: list[str]) -> Path:
     """Parse, validate, train; resumes from the run's last.ckpt when one exists. Returns the run directory."""
     cli = parse(args)
     assert cli.run_dir is not None
+    _say_pins_kept(cli.run_dir)
     ckpt = last_checkpoint(cli.run_dir)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt) if ckpt else None)
     preemption = next((cb for cb in cli.trainer.checkpoint_callbacks if isinstance(cb, PreemptionCheckpoint)), None)

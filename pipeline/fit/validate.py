@@ -17,10 +17,15 @@ from pipeline.data.remote import public_url
 POSITIVE_KEYS = frozenset({"batch_size", "val_batch_size", "image_size", "samples_per_epoch", "max_pixels",
                            "latent_dim", "z_dim", "base_channels", "g_channels", "d_channels", "dim", "depth",
                            "heads", "num_res_blocks", "class_embed_dim", "palette_size", "n_critic",
-                           "sample_batch_size", "timesteps", "sampling_steps", "temperature"})
-# ... or at least 0
+                           "sample_batch_size", "timesteps", "sampling_steps", "temperature", "ch",
+                           "latent_channels", "code_dim", "grad_clip"})
+# ... or at least 0 (the loss weights: a negative one rewards the error it should punish)
 NON_NEGATIVE_KEYS = frozenset({"num_workers", "shuffle_buffer", "weight_decay", "beta", "kl_warmup_steps",
-                               "warmup_steps", "dropout", "p_uncond", "top_k", "guidance_scale"})
+                               "warmup_steps", "dropout", "p_uncond", "top_k", "guidance_scale", "kl_weight",
+                               "commitment_weight", "disc_weight", "disc_start", "perceptual_weight"})
+# ... or at least this, with the reason
+AT_LEAST = {"codebook_size": (2, "a codebook of one code turns every image into the same tokens (a token model on it "
+                                 "learns a loss of 0 and draws one image)")}
 
 
 class ConfigError(ValueError):
@@ -63,9 +68,10 @@ def check_epoch_length(config: Namespace, manifest: dict) -> None:
                           "samples: set data.init_args.samples_per_epoch (the epoch length over all ranks)")
 
 
-def check_numbers(config: Namespace) -> None:
+def check_numbers(config: Namespace, weights: bool = True) -> None:
     """Numbers no run can use, each named with what it may be: before any class is built or directory made
-    (else Lightning, Adam or jsonargparse stop it later, with their own tracebacks)."""
+    (else Lightning, Adam or jsonargparse stop it later, with their own tracebacks). ``weights``: also the weight
+    files the config needs (not for a dry run, which may resolve a config on a machine without them)."""
     trainer, problems = config.trainer, []
     if trainer.get("max_steps") is not None and not (trainer.max_steps == -1 or trainer.max_steps > 0):
         problems.append(f"trainer.max_steps={trainer.max_steps} must be a positive number of steps (or -1: no limit)")
@@ -81,11 +87,36 @@ def check_numbers(config: Namespace) -> None:
                 problems.append(f"{group}.init_args.{key}={value} must be positive")
             elif key in NON_NEGATIVE_KEYS and value < 0:
                 problems.append(f"{group}.init_args.{key}={value} must be 0 or more")
+            elif key in AT_LEAST and value < AT_LEAST[key][0]:
+                problems.append(f"{group}.init_args.{key}={value} must be at least {AT_LEAST[key][0]}: "
+                                f"{AT_LEAST[key][1]}")
             elif key == "sample_every_n_steps" and value < -1:  # 0: a grid only at the end; -1: none
                 problems.append(f"{group}.init_args.{key}={value} must be a number of steps, 0 (only at the end) "
                                 "or -1 (never)")
+    problems += _adversarial_and_perceptual(config, weights)
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _adversarial_and_perceptual(config: Namespace, weights: bool) -> list[str]:
+    """A discriminator that would never start, and a perceptual loss without the VGG16 weights it runs on (which
+    would train a pixel-loss-only model under the name of one with LPIPS)."""
+    model, max_steps, problems = config.model.get("init_args") or Namespace(), config.trainer.get("max_steps"), []
+    disc_weight, disc_start = model.get("disc_weight") or 0, model.get("disc_start") or 0
+    if disc_weight > 0 and max_steps and max_steps > 0 and disc_start >= max_steps:
+        problems.append(f"model.init_args.disc_weight={disc_weight} with disc_start={disc_start} >= trainer.max_steps="
+                        f"{max_steps}: the discriminator would never start; lower disc_start, or set disc_weight: 0")
+    weight = model.get("perceptual_weight") or 0
+    if weights and isinstance(weight, (int, float)) and weight > 0:
+        from pipeline.models.perceptual import VGG16_WEIGHTS
+        from pipeline.weights import WeightsUnavailable
+
+        try:
+            VGG16_WEIGHTS.resolve(model.get("perceptual_weights"))
+        except WeightsUnavailable as e:
+            problems.append(f"model.init_args.perceptual_weight={weight} needs the VGG16 weights LPIPS runs on: {e} "
+                            "Or set perceptual_weight: 0 to train on the pixel loss alone (another run)")
+    return problems
 
 
 def check_schedule(run_dir: Path, max_steps: Optional[int]) -> None:

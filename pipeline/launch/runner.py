@@ -27,7 +27,7 @@ from pipeline.benchmark.stage import FIT_KEYS, checkpoint_progress, read_run_inf
 from pipeline.fit.budget import parse_budget
 from pipeline.fit.checkpoints import LAST
 from pipeline.fit.train import DryRun, config_hash, ensure_shards, resolve
-from pipeline.fit.validate import check_model_fits_data
+from pipeline.fit.validate import check_model_fits_data, check_numbers
 
 
 @dataclass
@@ -83,6 +83,10 @@ def load_suite(path: Path) -> Suite:
                  leaderboard=cfg.leaderboard, first_stages=first_stages,
                  experiment_overrides={str(path.parent / k): list(v) for k, v in
                                        (cfg.experiment_overrides or {}).items()})
+
+
+class RunError(RuntimeError):
+    """An experiment of the suite failed; what finished is kept."""
 
 
 class Job(NamedTuple):
@@ -178,17 +182,25 @@ def run(paths: list[str], overrides: list[str], runs: Optional[str] = None, resu
             resolved: DryRun = resolve(args)  # validates now: nothing runs if any experiment is malformed
             run_dirs[exp] = resolved.run_dir
             jobs.append(Job(exp, args, resolved.run_dir, config_hash(resolved.config), res, resolved.config))
-    for job in jobs:  # shards first, then every model against its data, still before any training
+    for job in jobs:  # shards and weight files first, then every model against its data, still before any training
+        check_numbers(job.config)
         ensure_shards(job.config.data, job.config.prepare)
         check_model_fits_data(job.config)
     print(f"genbench run: {len(jobs)} experiment(s) validated", flush=True)
 
-    for job in jobs:
+    for i, job in enumerate(jobs):
+        if any(a.startswith("--model.init_args.first_stage=") for a in job.args):
+            # a second stage's run is named by its first stage's checkpoint, which exists (or changed) only now
+            resolved = resolve(job.args)
+            job = jobs[i] = job._replace(run_dir=resolved.run_dir, config_hash=config_hash(resolved.config),
+                                         config=resolved.config)
         if _finished(job.run_dir, job.config_hash, job.config.trainer.max_steps, job.config.run.budget):
             print(f"[fit] {job.run_dir} already finished; not training again", flush=True)
             continue
         print(f"[fit] {job.experiment} -> {job.run_dir}", flush=True)
-        subprocess.run([sys.executable, "-m", "pipeline.cli", "fit", *job.args], check=True)
+        if subprocess.run([sys.executable, "-m", "pipeline.cli", "fit", *job.args]).returncode != 0:
+            raise RunError(f"genbench fit of {job.experiment} failed (its message is above); the runs before it are "
+                           "kept, and the same genbench run command continues from where it stopped")
 
     # the records there were before this command: the ones it writes are of runs it has just benchmarked
     before = {res: leaderboard.load_records(res) if Path(res).exists() else [] for res in {j.results for j in jobs}}

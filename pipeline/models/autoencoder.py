@@ -94,6 +94,13 @@ class Autoencoder(GenerativeModule):
                             ("code_dim", code_dim), ("ch", ch)):
             if value < 1:
                 raise ValueError(f"model.init_args.{name}={value} must be at least 1")
+        if quantizer == "vq" and codebook_size < 2:
+            raise ValueError(f"model.init_args.codebook_size={codebook_size} must be at least 2: one code turns every "
+                             "image into the same tokens")
+        for name, weight in (("kl_weight", kl_weight), ("commitment_weight", commitment_weight),
+                             ("disc_weight", disc_weight), ("perceptual_weight", perceptual_weight)):
+            if weight < 0:  # a negative weight rewards the error it should punish
+                raise ValueError(f"model.init_args.{name}={weight} must be 0 or more")
         self.lr = lr
         self.save_hyperparameters()
         self.automatic_optimization = False  # the discriminator's step is its own (and not a global step)
@@ -125,6 +132,10 @@ class Autoencoder(GenerativeModule):
         self.perceptual: Optional[LPIPSLoss]  # set above, outside the module registry
         self.val_psnr, self.val_rec = MeanMetric(), MeanMetric()
         self._val_counts: Optional[torch.Tensor] = None
+
+    @property
+    def clip_option(self) -> str:
+        return "model.init_args.grad_clip"  # manual optimisation: Lightning's gradient_clip_val is refused
 
     # -- the latent space the second stage sees ------------------------------------------------
     @property

@@ -122,6 +122,12 @@ class GenerativeModule(LightningModule):
         return 1
 
     @property
+    def clip_option(self) -> Optional[str]:
+        """The option that clips this family's gradients: Lightning's, which a manually optimised family refuses
+        (it names its own, or None)."""
+        return "trainer.gradient_clip_val"
+
+    @property
     def flops_period(self) -> int:
         """Training batches after which the work per batch repeats (the GAN's n_critic): FLOPs per image are
         measured over this many."""
@@ -235,9 +241,10 @@ class GenerativeModule(LightningModule):
             return
         step, loss = self._nonfinite.tolist()
         if step >= 0:
-            raise FloatingPointError(
+            raise NonFiniteLoss(
                 f"non-finite {self.family} loss ({loss}) at global step {int(step)}; lower "
-                f"{' / '.join('model.init_args.' + k for k in self.lr_keys)} or set trainer.gradient_clip_val")
+                f"{' / '.join('model.init_args.' + k for k in self.lr_keys)}"
+                + (f" or set {self.clip_option}" if self.clip_option else ""))
 
     def on_train_start(self) -> None:
         self._nonfinite, self._batches_unchecked = None, 0
@@ -320,6 +327,10 @@ def linear_warmup(optimizer: torch.optim.Optimizer, steps: int) -> dict[str, Any
     """Lightning's scheduler entry for a learning rate that ramps linearly over ``steps`` optimizer steps."""
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, steps)))
     return {"scheduler": schedule, "interval": "step"}
+
+
+class NonFiniteLoss(FloatingPointError):
+    """Training diverged: the step and the options that would prevent it."""
 
 
 FAMILIES: Registry[GenerativeModule] = Registry("model family", GenerativeModule, name_attr="family")

@@ -112,6 +112,10 @@ class GAN(GenerativeModule):
         self.generator = self.maybe_compile(Generator(z_dim, channels, image_size, g_channels, num_classes))
         self.discriminator = Discriminator(channels, image_size, d_channels, num_classes, sn=(arch == "sngan"))
 
+    @property
+    def clip_option(self) -> None:
+        return None  # manual optimisation, no clipping: Lightning's gradient_clip_val is refused
+
     def _d_loss(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
         if self.arch == "sngan":  # hinge
             return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()

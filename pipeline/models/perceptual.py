@@ -2,8 +2,9 @@
 
 torchmetrics' LPIPS network, its linear heads from the torchmetrics wheel, and the ImageNet VGG16 backbone
 resolved like Inception's weights (``--model.init_args.perceptual_weights``, the torch hub cache where
-``genbench fetch-weights vgg16`` puts torchvision's file, then a download). Without them the loss is skipped
-and the reason logged: offline compute nodes train on the pixel loss alone rather than fail.
+``genbench fetch-weights vgg16`` puts torchvision's file, then a download). ``genbench fit`` refuses a
+perceptual weight without them (pipeline/fit/validate.py): a run would train on the pixel loss alone under the
+name of one with LPIPS. Built otherwise without them, the loss is skipped and the reason logged.
 """
 
 from __future__ import annotations

@@ -55,6 +55,7 @@ class ServeOptions:
     body_timeout: float = 10.0  # seconds a client may take to send its body (a stalled one gets 408)
     seed: int = 0
     device: str = "cpu"
+    first_stage: Optional[str] = None  # a latent model's first stage where it is now (moved), else the recorded one
 
 
 def api_error(status: int, message: str, type_: str = "invalid_request_error", param: Optional[str] = None,
@@ -153,7 +154,7 @@ def build_app(opts: ServeOptions) -> web.Application:
 
     key = _key(opts)
     run_dir = Path(opts.run)
-    model, config, _ = load_run_model(run_dir, opts.device)
+    model, config, _ = load_run_model(run_dir, opts.device, first_stage=opts.first_stage)
     if not model.samples:
         raise ServeError(f"{run_dir} is a {model.family} run, a first stage with nothing to sample; serve a latent "
                          "model trained on it (model.init_args.first_stage) instead")
