@@ -1,7 +1,9 @@
 """A small OpenAI-images-API server for the failure paths of `genbench generate`: what it answers depends on the
 prompt (429 with Retry-After, 500, a stall, a refusal, broken base64, a wrong size, a url answer, a url on a
-dead host, and 200s that are not images responses: an HTML page, ``{"data": []}``, another object, a list), and
-it checks the bearer key. Real HTTP on 127.0.0.1, in a thread of the test process."""
+dead host, and 200s that are not images responses: an HTML page, ``{"data": []}``, another object, a list; a 429
+``insufficient_quota`` for ``quota``), and it checks the bearer key. A gpt-image model asked for a
+``response_format`` gets the API's 400 (that model always answers b64_json). Real HTTP on 127.0.0.1, in a thread
+of the test process."""
 
 from __future__ import annotations
 
@@ -62,6 +64,16 @@ class FaultServer:
                                                       "invalid_request_error", "code": "invalid_api_key"}})
                 ok = {"created": int(time.time()), "data": [{"b64_json": base64.b64encode(png()).decode(),
                                                              "revised_prompt": f"revised: {prompt}"}]}
+                if str(body.get("model", "")).startswith("gpt-image") and "response_format" in body:
+                    # what the API answers a gpt-image model asked for a response_format (the SDK's
+                    # ImageGenerateParams: "not supported for gpt-image-1, which always returns b64_json")
+                    return self._send(400, {"error": {"message": "Unknown parameter: 'response_format'.",
+                                                      "type": "invalid_request_error", "param": "response_format",
+                                                      "code": "unknown_parameter"}})
+                if "quota" in prompt:  # the API's 429 for an account out of credit (its error codes guide)
+                    return self._send(429, {"error": {"message": "You exceeded your current quota, please check "
+                                                      "your plan and billing details.", "type": "insufficient_quota",
+                                                      "code": "insufficient_quota"}})
                 if "ratelimit" in prompt and n <= 2:
                     return self._send(429, {"error": {"message": "Rate limit reached", "type": "requests"}},
                                       {"Retry-After": "1"})

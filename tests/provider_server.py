@@ -14,6 +14,26 @@ depends on words in the prompt:
 and a wrong key is each provider's 401. Firefly's tokens stop working after ``TOKEN_USES`` calls (a token that
 expires mid-run). Midjourney's grid is 2x2 images of four grey levels, so the split can be checked.
 ``paid`` counts the submissions the services would bill, per prompt.
+
+What each answers as its documentation says (issue 41), by more words in the prompt:
+
+* midjourney (midjourney-proxy's ``ReturnCode`` and trueai-org's ``TaskStatus``; CometAPI's "fetch task"):
+  ``modal`` / ``cancel`` end the task ``MODAL`` / ``CANCEL``; ``failure9`` answers code 9 (a failure of the
+  proxy's) to the first submission; ``dupid`` answers every such submission with one task id (a proxy that
+  reuses ids); the task's ``properties.finalPrompt`` is the prompt the proxy ran, with ``--v 7`` appended;
+* stability (API reference, "Stable Image Core"): the answer has the documented pixel size of the
+  ``aspect_ratio`` sent (3:2 is 1216x832), except for 1:1, answered at 8x8 to keep the tests small (``skewed``:
+  16:9's size whatever was asked); the ``seed`` header echoes the seed sent;
+* firefly (Firefly API reference, "Generate images asynchronously"): the model is the ``x-model-version`` header
+  (image3 when absent; another value is a 400 ``validation_error``) and is recorded per task; ``unsafe`` answers
+  the submission 422 ``prompt_unsafe``; ``jobunsafe`` ends the job ``failed`` with ``output_media_unsafe``;
+  ``timeout`` ends it ``timeout``; each output carries the ``seed`` sent in ``seeds``;
+* bfl (BFL API reference): the Ultra and Kontext endpoints refuse ``width``/``height`` (422, FastAPI's
+  validation shape) and take ``aspect_ratio`` (Ultra's default 16:9, answered at 32x18); ``output_format``
+  defaults to jpeg; ``result.seed`` echoes the seed sent; ``expiring``: the first download of each result URL
+  answers 403 (the signed URL expired), a later poll hands out a fresh one that works;
+* openai-chat: ``refuse`` ends the completion ``finish_reason: content_filter``; ``words`` answers in words
+  without an image (a progress message), finish ``stop``.
 """
 
 from __future__ import annotations
@@ -37,10 +57,15 @@ TOKEN_USES = 10
 QUADRANTS = (40, 100, 160, 220)  # U1..U4's grey levels in the Midjourney grid
 
 
-def png(size: tuple[int, int] = (8, 8), value: int = 128) -> bytes:
+def png(size: tuple[int, int] = (8, 8), value: int = 128, fmt: str = "png") -> bytes:
     buf = io.BytesIO()
-    Image.new("L", size, value).save(buf, "PNG")
+    Image.new("L", size, value).save(buf, "JPEG" if fmt in ("jpeg", "jpg") else fmt.upper())
     return buf.getvalue()
+
+
+# Stability's pixel size for each aspect ratio (API reference, "Stable Image Core": output dimensions)
+STABILITY_SIZES = {"16:9": (1344, 768), "21:9": (1536, 640), "2:3": (832, 1216), "3:2": (1216, 832),
+                   "4:5": (896, 1088), "5:4": (1088, 896), "9:16": (768, 1344), "9:21": (640, 1536)}
 
 
 def grid(size: int = 8) -> bytes:
@@ -67,6 +92,8 @@ class ProviderServer:
         self.ids = itertools.count(1000)
         self.active: set[str] = set()  # tasks submitted and not yet answered done
         self.most_active = 0
+        self.downloads: Counter = Counter()  # GETs per file name
+        self.dup_id: str | None = None  # the one id answered to every "dupid" submission
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -106,11 +133,15 @@ class ProviderServer:
                     return True
                 return False
 
-            def _new_task(self, provider: str, prompt: str) -> str:
+            def _new_task(self, provider: str, prompt: str, **more) -> str:
                 with server.lock:
                     task_id = str(next(server.ids))
+                    if "dupid" in prompt:
+                        server.dup_id = server.dup_id or task_id
+                        task_id = server.dup_id
                     server.paid[(provider, prompt)] += 1
-                    server.tasks[task_id] = {"provider": provider, "prompt": prompt, "started": time.monotonic()}
+                    server.tasks.setdefault(task_id, {"provider": provider, "prompt": prompt,
+                                                      "started": time.monotonic(), **more})
                     server.active.add(task_id)
                     server.most_active = max(server.most_active, len(server.active))
                 return task_id
@@ -136,8 +167,18 @@ class ProviderServer:
                 path = urlsplit(self.path).path
                 if path.startswith("/files/"):
                     name = path.rsplit("/", 1)[1]
+                    with server.lock:
+                        server.downloads[name] += 1
                     if name.startswith("broken"):
                         return self._send(200, b"\x89PNG\r\n\x1a\n truncated", kind="image/png")
+                    if name.startswith("expiring") and name.endswith("-0.png"):  # the first URL handed out
+                        return self._send(403, b"<Error><Code>AccessDenied</Code>Request has expired</Error>",
+                                          kind="application/xml")
+                    query = parse_qs(urlsplit(self.path).query)
+                    if "w" in query:  # an image of the size the service answers (its format as asked)
+                        size = (int(query["w"][0]), int(query["h"][0]))
+                        return self._send(200, png(size, fmt=query.get("fmt", ["png"])[0]),
+                                          kind=f"image/{query.get('fmt', ['png'])[0]}")
                     return self._send(200, grid() if name.startswith("grid") else png())
                 if path.startswith("/mj/task/"):
                     return self._mj_fetch(path.split("/")[3])
@@ -176,6 +217,8 @@ class ProviderServer:
                 if "refuse" in prompt:
                     return self._send(200, {"code": 24, "description": "banned prompt: sensitive word",
                                             "result": None, "properties": {"bannedWord": "refuse"}})
+                if "failure9" in prompt and server.calls[("midjourney", prompt)] == 1:
+                    return self._send(200, {"code": 9, "description": "system error", "result": None})
                 task_id = self._new_task("midjourney", prompt)
                 self._send(200, {"code": 1, "description": "Submit success", "result": task_id})
 
@@ -187,8 +230,14 @@ class ProviderServer:
                 if self._running(task_id):
                     return self._send(200, {"id": task_id, "action": "IMAGINE", "status": "IN_PROGRESS",
                                             "progress": "42%", "imageUrl": "", "failReason": ""})
+                prompt = server.tasks[task_id]["prompt"]
+                for word, state in (("modal", "MODAL"), ("cancel", "CANCEL")):
+                    if word in prompt:
+                        return self._send(200, {"id": task_id, "action": "IMAGINE", "status": state,
+                                                "progress": "0%", "imageUrl": "", "failReason": ""})
                 port = server.port
                 self._send(200, {"id": task_id, "action": "IMAGINE", "status": "SUCCESS", "progress": "100%",
+                                 "properties": {"finalPrompt": f"{prompt} --v 7"},
                                  "imageUrl": f"http://127.0.0.1:{port}/files/grid-{task_id}.png", "failReason": "",
                                  "buttons": [{"customId": f"MJ::JOB::upsample::{i}::{task_id}", "label": f"U{i}"}
                                              for i in range(1, 5)]})
@@ -206,12 +255,20 @@ class ProviderServer:
                 if self._submit_faults("stability", prompt):
                     return
                 self._new_task("stability", prompt)
+                form = {}
+                for part in body.split(b'Content-Disposition: form-data; name="')[1:]:
+                    name, rest = part.split(b'"', 1)
+                    if b"\r\n\r\n" in rest:
+                        form[name.decode()] = rest.split(b"\r\n\r\n", 1)[1].split(b"\r\n--", 1)[0].decode()
+                size = STABILITY_SIZES.get(form.get("aspect_ratio", "1:1"), (8, 8))
+                if "skewed" in prompt:  # a size of another ratio than asked: rejected by the client, but paid
+                    size = STABILITY_SIZES["16:9"]
                 if "refuse" in prompt:
                     return self._send(403, {"name": "content_moderation", "errors": [
                         "Your request was flagged by our content moderation system"]})
                 if "filtered" in prompt:
                     return self._send(200, png(value=0), {"finish-reason": "CONTENT_FILTERED", "seed": "7"})
-                self._send(200, png(), {"finish-reason": "SUCCESS", "seed": "1234"})
+                self._send(200, png(size), {"finish-reason": "SUCCESS", "seed": form.get("seed", "1234")})
 
             # -- firefly (IMS token, v3 async) -------------------------------------------------------------
             def _ims_token(self):
@@ -234,15 +291,23 @@ class ProviderServer:
                 return True
 
             def _firefly_submit(self):
-                prompt = json.loads(self._body())["prompt"]
+                body = json.loads(self._body())
+                prompt = body["prompt"]
                 if not self._firefly_auth():
                     return self._send(401, {"error_code": "401013", "message": "Oauth token is not valid"})
+                version = self.headers.get("x-model-version", "image3")
+                if version not in ("image3", "image4_standard", "image4_ultra"):
+                    return self._send(400, {"error_code": "validation_error",
+                                            "message": f"x-model-version {version} is not supported"})
                 if self._submit_faults("firefly", prompt):
                     return
                 if "refuse" in prompt:
                     return self._send(451, {"error_code": "input_image_or_prompt_blocked",
                                             "message": "The prompt was blocked by the content policy"})
-                task_id = self._new_task("firefly", prompt)
+                if "unsafe" in prompt and "jobunsafe" not in prompt:
+                    return self._send(422, {"error_code": "prompt_unsafe",
+                                            "message": "The prompt is not safe to generate"})
+                task_id = self._new_task("firefly", prompt, model_version=version, seed=(body.get("seeds") or [7])[0])
                 self._send(202, {"jobId": task_id, "statusUrl": f"http://127.0.0.1:{server.port}/v3/status/{task_id}",
                                  "cancelUrl": f"http://127.0.0.1:{server.port}/v3/cancel/{task_id}"})
 
@@ -251,20 +316,38 @@ class ProviderServer:
                     return self._send(401, {"error_code": "401013", "message": "Oauth token is not valid"})
                 if self._running(task_id):
                     return self._send(200, {"jobId": task_id, "status": "running"})
+                task = server.tasks[task_id]
+                if "jobunsafe" in task["prompt"]:
+                    return self._send(200, {"jobId": task_id, "status": "failed", "error_code": "output_media_unsafe",
+                                            "message": "The generated image was flagged"})
+                if "timeout" in task["prompt"]:
+                    return self._send(200, {"jobId": task_id, "status": "timeout"})
                 self._send(200, {"jobId": task_id, "status": "succeeded", "result": {
                     "size": {"width": 8, "height": 8}, "outputs": [
-                        {"seed": 1, "image": {"url": f"http://127.0.0.1:{server.port}/files/ff-{task_id}.png"}}]}})
+                        {"seed": task["seed"],
+                         "image": {"url": f"http://127.0.0.1:{server.port}/files/ff-{task_id}.png"}}]}})
 
             # -- bfl (FLUX) --------------------------------------------------------------------------------
             def _bfl_submit(self, model: str):
-                prompt = json.loads(self._body())["prompt"]
+                body = json.loads(self._body())
+                prompt = body["prompt"]
                 if self.headers.get("x-key") != KEY:
                     return self._send(403, {"detail": "Not authenticated - Invalid Authentication"})
                 if model.startswith("unknown"):
                     return self._send(404, {"detail": "Not Found"})
+                by_ratio = "ultra" in model or "kontext" in model
+                if by_ratio and ("width" in body or "height" in body):
+                    return self._send(422, {"detail": [{"loc": ["body", "width"], "msg": "Extra inputs are not "
+                                                        "permitted", "type": "extra_forbidden"}]})
                 if self._submit_faults("bfl", prompt):
                     return
-                task_id = self._new_task("bfl", prompt)
+                if by_ratio:
+                    w, h = (int(v) for v in body.get("aspect_ratio", "16:9").split(":"))
+                    size = (w * 2, h * 2)  # its own pixel size for the ratio (small here)
+                else:
+                    size = (body.get("width", 8), body.get("height", 8))
+                task_id = self._new_task("bfl", prompt, size=size, fmt=body.get("output_format", "jpeg"),
+                                         seed=body.get("seed", 42))
                 self._send(200, {"id": task_id, "polling_url":
                                  f"http://127.0.0.1:{server.port}/bfl/get_result?id={task_id}"})
 
@@ -278,8 +361,17 @@ class ProviderServer:
                 if "refuse" in server.tasks[task_id]["prompt"]:
                     return self._send(200, {"id": task_id, "status": "Content Moderated", "result": None,
                                             "details": {"moderation": ["Derivative Works Filter"]}})
+                task = server.tasks[task_id]
+                fmt, (w, h) = task["fmt"], task["size"]
+                if "expiring" in task["prompt"]:  # a fresh signed URL at every Ready answer: -0 (expired), -1, ...
+                    with server.lock:
+                        task["ready"] = task.get("ready", -1) + 1
+                    name = f"expiring-{task_id}-{task['ready']}"
+                else:
+                    name = f"{name}-{task_id}"
                 self._send(200, {"id": task_id, "status": "Ready", "result": {
-                    "sample": f"http://127.0.0.1:{server.port}/files/{name}-{task_id}.png", "prompt": "..."}})
+                    "sample": f"http://127.0.0.1:{server.port}/files/{name}.png?w={w}&h={h}&fmt={fmt}",
+                    "prompt": "...", "seed": task["seed"]}})
 
             # -- openai-chat (gpt-4o-image through CometAPI) -----------------------------------------------
             def _chat(self):
@@ -292,7 +384,9 @@ class ProviderServer:
                     return
                 self._new_task("openai-chat", prompt)
                 if "refuse" in prompt:
-                    content, finish = "I can't create that image: it goes against the content policy.", "stop"
+                    content, finish = "I can't create that image.", "content_filter"
+                elif "words" in prompt:
+                    content, finish = "> progress 40%\n\nStill drawing, please wait...", "stop"
                 elif "datauri" in prompt:
                     content = f"![image](data:image/png;base64,{base64.b64encode(png()).decode()})"
                     finish = "stop"

@@ -21,7 +21,7 @@ from provider_server import CLIENT_ID, KEY, QUADRANTS, ProviderServer
 from conftest import REPO, genbench
 from pipeline.data.generated import read_meta
 
-MODELS = {"midjourney": "midjourney-v7", "stability": "core", "firefly": "firefly-image-4", "bfl": "flux-pro-1.1",
+MODELS = {"midjourney": "midjourney-v7", "stability": "core", "firefly": "image4_standard", "bfl": "flux-pro-1.1",
           "openai-chat": "gpt-4o-image"}
 PER_PROMPT = {"midjourney": 4}  # one imagine is a 2x2 grid: four images
 
@@ -232,7 +232,8 @@ def test_stability_and_chat_answer_shapes(tmp_path):
         ratio = _generate(server, "stability", suite, tmp_path / "ratio", "--size", "1000x700")
     assert sd.returncode == 0 and "1 refused" in sd.stdout, sd.stderr[-2000:]
     assert read_meta(tmp_path / "sd", "a-filtered-digit")["refused"][0]["code"] == "CONTENT_FILTERED"
-    assert read_meta(tmp_path / "sd", "a-plain-digit")["images"][0]["seed"] == "1234"
+    plain = read_meta(tmp_path / "sd", "a-plain-digit")["images"][0]
+    assert plain["seed"] == str(plain["seed_sent"]) and plain["model"] == "core"  # the seed the service used
     assert chat.returncode == 0 and "3 new image(s)" in chat.stdout, chat.stderr[-2000:]  # markdown link, data URL
     assert ratio.returncode == 2 and "aspect ratio 10:7" in ratio.stderr
 

@@ -230,7 +230,7 @@ def cmd_generate(args, extra) -> int:
     opts = GenerateOptions(provider=args.provider, api_base=args.api_base, model=args.model, prompts=args.prompts,
                            out=args.out, images_per_prompt=args.images_per_prompt, size=args.size,
                            quality=args.quality,
-                           response_format=None if args.response_format == "none" else args.response_format,
+                           response_format=args.response_format,
                            concurrency=args.concurrency, max_retries=args.max_retries, timeout=args.timeout,
                            poll_interval=args.poll_interval, api_key_env=args.api_key_env,
                            auth_header=args.auth_header, client_id_env=args.client_id_env, token_url=args.token_url,

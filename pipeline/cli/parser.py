@@ -164,8 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--size", help="WIDTHxHEIGHT to ask for, e.g. 1024x1024 (checked on every image); default: "
                                     "the service's")
     gen.add_argument("--quality", help="the service's quality setting, e.g. standard, hd, low, high")
-    gen.add_argument("--response-format", choices=("b64_json", "url", "none"), default="b64_json",
-                     help="ask for b64_json (default) or url; none sends no response_format (gpt-image rejects it)")
+    gen.add_argument("--response-format", choices=("b64_json", "url", "none"),
+                     help="openai: ask for b64_json or url, or send none (default: b64_json, none for a gpt-image "
+                          "model, which rejects the parameter)")
     gen.add_argument("--concurrency", type=int, default=4,
                      help="tasks in flight (default 4): a task's submission and its polls hold one slot")
     gen.add_argument("--max-retries", type=int, default=4, help="retries per request (default 4)")

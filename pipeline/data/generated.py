@@ -44,8 +44,8 @@ def is_generated_set(directory: str | Path) -> bool:
 
 def read_meta(directory: Path, prompt_id: str) -> Optional[dict[str, Any]]:
     """A prompt's meta file folded into ``{"prompt", ..., "images": [...], "refused": [...], "failed": [...],
-    "pending": [...]}``
-    (each list by image index, the latest line per image winning); None when there is none yet."""
+    "pending": [...], "history": [...]}`` (each list by image index, the latest line per image winning; history:
+    every line); None when there is none yet."""
     path = meta_path(directory, prompt_id)
     try:
         lines = path.read_text().splitlines()
@@ -65,7 +65,10 @@ def read_meta(directory: Path, prompt_id: str) -> Optional[dict[str, Any]]:
     latest: dict[int, dict[str, Any]] = {}
     for entry in entries[1:]:
         latest[entry["index"]] = entry
-    folded: dict[str, Any] = {**entries[0], "images": [], "refused": [], "failed": [], "pending": []}
+    # "history": every outcome line in order, superseded ones too (a paid image rejected, then made again, was
+    # paid for twice: the totals count both)
+    folded: dict[str, Any] = {**entries[0], "images": [], "refused": [], "failed": [], "pending": [],
+                              "history": entries[1:]}
     for index in sorted(latest):
         entry = dict(latest[index])
         folded[entry.pop("event")].append(entry)

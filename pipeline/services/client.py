@@ -86,8 +86,9 @@ def _api_key(opts: GenerateOptions) -> tuple[str, bool]:
                         f"--api-key-env VAR) for {public_url(opts.api_base)}")
 
 
-def _as_png(raw: bytes, provider: Provider) -> bytes:
-    """The PNG bytes of one image as the service sent it; ValueError says what is wrong with it."""
+def _as_png(raw: bytes, provider: Provider) -> tuple[bytes, str]:
+    """The PNG bytes of one image as the service sent it, and the format it came in; ValueError says what is
+    wrong with it."""
     try:
         with Image.open(io.BytesIO(raw)) as image:
             image.load()
@@ -95,10 +96,12 @@ def _as_png(raw: bytes, provider: Provider) -> bytes:
             if problem:
                 raise ValueError(problem)
             if image.format == "PNG":
-                return raw
-            buf = io.BytesIO()  # JPEG/WebP from the service: stored losslessly as what was received, in PNG
+                return raw, "PNG"
+            # JPEG/WebP from the service: its decoded pixels stored in PNG (no loss beyond the service's own
+            # compression, which the recorded format says)
+            buf = io.BytesIO()
             image.save(buf, "PNG")
-            return buf.getvalue()
+            return buf.getvalue(), str(image.format)
     except (OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"the image does not decode ({e})") from e
 
@@ -115,6 +118,7 @@ class _PromptLog:
         self.done = {i["index"] for i in old["images"] if (directory / IMAGES / i["file"]).is_file()}
         self.refused = {r["index"] for r in old["refused"]}
         self.pending = {p["index"]: p["task"] for p in old.get("pending", [])}
+        self.history: list[dict[str, Any]] = old.get("history", [])
         self.log = MetaLog(directory, {"prompt": prompt.to_json(), **settings})
 
 
@@ -187,6 +191,7 @@ def generate(opts: GenerateOptions) -> Outcome:
     bar = progress(wanted, f"generate {opts.model}", "img", enabled=opts.progress)
     fatal: list[BaseException] = []  # the first error that stops the run; every task checks it before requesting
     lock = threading.Lock()
+    owners = _task_owners(logs, provider.images_per_task)
 
     def count(kind: str, n: int, retries: int = 0) -> None:
         with lock:
@@ -203,6 +208,13 @@ def generate(opts: GenerateOptions) -> Outcome:
         log = logs[prompt.id].log
 
         def submitted(new: dict[str, Any]) -> None:  # the service took it: on disk before the first poll
+            with lock:  # a task id the service (or a proxy) gave another task already: never file its images twice
+                owner = owners.setdefault(str(new["id"]), (prompt.id, t))
+            if owner != (prompt.id, t):
+                raise ValueError(f"the service answered task id {new['id']} for prompt {prompt.id!r} (task {t}), but "
+                                 f"it had given that id to prompt {owner[0]!r} (task {owner[1]}): one task's images "
+                                 "are never filed under two prompts; this one failed, and the next run submits it "
+                                 "again")
             for k in wanted:
                 log.record("pending", {"index": k, "task": new})
 
@@ -252,26 +264,41 @@ def _store(out: Path, prompt: Prompt, t: int, wanted: list[int], answer: Answer,
     if answer.grid is not None:
         (out / GRIDS).mkdir(exist_ok=True)
         atomic_write_bytes(out / GRIDS / image_name(prompt.id, t), answer.grid, durable=False)
-    requests, done = answer.requests, 0
+    # the task's requests and the images the service billed count once, on its first entry (an image kept or one
+    # rejected here), so that totals are what was made and paid for, kept or not
+    paid = {"requests": answer.requests, "billed": answer.billed}
+    done = 0
     for k in wanted:
         position = k - t * per_task
         try:
             if position >= len(answer.images):
                 raise ValueError(f"the task answered {len(answer.images)} image(s), not {per_task}")
-            png = _as_png(answer.images[position], provider)
+            png, received = _as_png(answer.images[position], provider)
         except ValueError as e:
-            log.record("failed", {"index": k, "error": redact(str(e), provider.secrets())})
+            log.record("failed", {"index": k, "error": redact(str(e), provider.secrets()), **answer.info, **paid})
+            paid = {"requests": 0, "billed": 0}
             count("failed", 1)
             continue
         # renamed into place (atomic for readers and against a killed process), not fsynced: a power cut may
         # cost a rerun the last few images, which it requests again
         atomic_write_bytes(out / IMAGES / image_name(prompt.id, k), png, durable=False)
         extra = {"grid": f"{GRIDS}/{image_name(prompt.id, t)}", "grid_position": position} if answer.grid else {}
-        # the task's requests count once, on its first image, so that totals are requests made
-        log.record("images", {"index": k, "file": image_name(prompt.id, k), **answer.info, **extra,
-                              "requests": requests, "latency_s": round(latency, 3)})
-        requests, done = 0, done + 1
+        own = answer.per_image[position] if position < len(answer.per_image) else {}
+        log.record("images", {"index": k, "file": image_name(prompt.id, k), **answer.info, **own, **extra,
+                              "format": received, **paid, "latency_s": round(latency, 3)})
+        paid, done = {"requests": 0, "billed": 0}, done + 1
     count("done", done, answer.retries)
+
+
+def _task_owners(logs: dict[str, _PromptLog], per_task: int) -> dict[str, tuple[str, int]]:
+    """Task id -> (prompt id, task index) of every task an earlier run recorded."""
+    owners: dict[str, tuple[str, int]] = {}
+    for prompt_id, log in logs.items():
+        for entry in log.history:
+            task_id = entry.get("task_id") or (entry.get("task") or {}).get("id")
+            if task_id:
+                owners.setdefault(str(task_id), (prompt_id, entry["index"] // per_task))
+    return owners
 
 
 def _postfix(bar: Any, text: str) -> None:
@@ -287,14 +314,19 @@ def _write_generation(out: Path, settings: dict[str, Any], old: dict[str, Any], 
     resumed set's totals are its own, not the last invocation's)."""
     metas = [m for m in (read_meta(out, p.stem) for p in sorted((out / META).glob("*.jsonl"))) if m]
     images = sum(len(m["images"]) for m in metas)
-    requests = sum(i["requests"] for m in metas for i in m["images"])
-    task_ids = sorted({str(e["task_id"]) for m in metas for e in m["images"] + m["refused"] if e.get("task_id")} |
+    # every answer ever recorded, superseded ones too: an image paid for, rejected and made again was paid twice
+    answered = [e for m in metas for e in m["history"] if "requests" in e]
+    requests = sum(e["requests"] for e in answered)
+    # sets written before "billed" recorded requests on kept images only: one billed image each
+    billed = sum(e.get("billed", 1 if e["event"] == "images" else 0) for e in answered)
+    task_ids = sorted({str(e["task_id"]) for m in metas for e in m["images"] + m["refused"] + m["failed"]
+                       if e.get("task_id")} |
                       {str(e["task"]["id"]) for m in metas for e in m["pending"]})
     totals = {"images": images, "refused": sum(len(m["refused"]) for m in metas),
               "failed": sum(len(m["failed"]) for m in metas), "pending": sum(len(m["pending"]) for m in metas),
-              "requests": requests, "tasks": len(task_ids), "task_ids": task_ids,
+              "requests": requests, "billed_images": billed, "tasks": len(task_ids), "task_ids": task_ids,
               "wall_seconds": round(old.get("totals", {}).get("wall_seconds", 0.0) + outcome.wall_seconds, 3),
               "price_per_image": opts.price_per_image,
-              "cost": None if opts.price_per_image is None else round(images * opts.price_per_image, 6)}
+              "cost": None if opts.price_per_image is None else round(billed * opts.price_per_image, 6)}
     atomic_write_json(out / GENERATION_FILE, {**settings, "created": old.get("created", time.time()),
                                               "updated": time.time(), "totals": totals})

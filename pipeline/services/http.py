@@ -8,6 +8,7 @@ answer) are those where the service did not take the job, which is the same poli
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -18,10 +19,28 @@ from httpx_retries import Retry, RetryTransport
 RETRIED_STATUS = (408, 409, 429, 500, 502, 503, 504)
 
 
-def retrying_client(timeout: float, max_retries: int, backoff: float = 0.5) -> httpx.Client:
+class _LockoutAfter429(httpx.HTTPTransport):
+    """A 429 without ``Retry-After`` from a service whose documented rate limit locks a client out for a fixed
+    time: that time as its ``Retry-After``, so the retries wait it out instead of spending themselves inside it."""
+
+    def __init__(self, lockout: float) -> None:
+        super().__init__()
+        self.lockout = lockout
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        if response.status_code == 429 and "retry-after" not in response.headers:
+            response.headers["Retry-After"] = str(math.ceil(self.lockout))  # httpx-retries reads whole seconds
+        return response
+
+
+def retrying_client(timeout: float, max_retries: int, backoff: float = 0.5,
+                    lockout: Optional[float] = None) -> httpx.Client:
+    """``lockout``: seconds a 429 without Retry-After means (Stability's documented 60 s); None: the backoff."""
     retry = Retry(total=max_retries, backoff_factor=backoff, status_forcelist=RETRIED_STATUS,
-                  allowed_methods=["GET", "POST"], max_backoff_wait=60.0)
-    return httpx.Client(timeout=timeout, transport=RetryTransport(transport=httpx.HTTPTransport(), retry=retry),
+                  allowed_methods=["GET", "POST"], max_backoff_wait=max(60.0, lockout or 0.0))
+    inner = _LockoutAfter429(lockout) if lockout else httpx.HTTPTransport()
+    return httpx.Client(timeout=timeout, transport=RetryTransport(transport=inner, retry=retry),
                         follow_redirects=True)
 
 

@@ -16,7 +16,7 @@ class GenerateOptions:
     images_per_prompt: int = 1
     size: Optional[str] = None  # "1024x1024"; None: the service's default (then no size check)
     quality: Optional[str] = None
-    response_format: Optional[str] = "b64_json"  # None: send none (gpt-image always answers b64_json)
+    response_format: Optional[str] = None  # None: by model (b64_json, none for gpt-image); "none": send none
     concurrency: int = 4  # tasks in flight
     max_retries: int = 4
     timeout: float = 120.0  # seconds for one answer, and the deadline of one task, its polls included

@@ -15,6 +15,7 @@ image bytes, or raises:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import httpx
@@ -25,6 +26,11 @@ from pipeline.services.options import GenerateOptions
 
 if TYPE_CHECKING:
     from pipeline.data.prompts import Prompt
+
+
+# The services' pixel sizes for a ratio are up to 2.9% off it (Stability's 4:5 is 896x1088); the next documented
+# ratio is 17% away (4:5 vs 2:3), so 5% tells one ratio from another
+RATIO_TOLERANCE = 0.05
 
 
 class GenerateError(RuntimeError):
@@ -52,6 +58,12 @@ class Answer:
     requests: int = 1  # HTTP requests this task took, retries and polls included
     retries: int = 0  # of those, retries of its submission
     grid: Optional[bytes] = None  # Midjourney: the grid the images were cut from, kept beside them
+    per_image: list[dict[str, Any]] = field(default_factory=list)  # recorded beside image i only: its seed
+
+    @property
+    def billed(self) -> int:
+        """Images the service made (and charged) for this task, whether genbench keeps them or not."""
+        return len(self.images)
 
 
 Submitted = Callable[[dict[str, Any]], None]  # records a task's id the moment the service has taken it
@@ -66,6 +78,7 @@ class Provider:
     images_per_task = 1
     path = ""  # the endpoint a task is submitted to, below the base (for messages and records)
     auth_header = "Authorization"  # "Authorization" sends "Bearer KEY"; another header the bare key
+    rate_lockout: Optional[float] = None  # seconds a 429 without Retry-After locks the client out (documented)
 
     def __init__(self, opts: GenerateOptions, key: str, from_env: bool) -> None:
         self.opts, self.key, self.from_env = opts, key, from_env
@@ -87,7 +100,7 @@ class Provider:
     @property
     def http(self) -> httpx.Client:
         if self._http is None:
-            self._http = retrying_client(self.opts.timeout, self.opts.max_retries)
+            self._http = retrying_client(self.opts.timeout, self.opts.max_retries, lockout=self.rate_lockout)
         return self._http
 
     def auth(self) -> dict[str, str]:
@@ -162,6 +175,16 @@ class Provider:
             raise ValueError(f"downloading the image URL {public_url(url)} answered {response.status_code}")
         return response.content
 
+    def fetch_result(self, task: dict[str, Any], url: str) -> bytes:
+        """The image of a task the service finished, from its (signed, expiring) URL. A download that fails keeps
+        the task pending: the next run polls the finished task again for a fresh URL instead of paying for a
+        new one."""
+        try:
+            return self.download(url)
+        except ValueError as e:
+            raise Pending(task, f"task {task.get('id')} finished but its image could not be fetched ({e}); the next "
+                                "run asks the task for a fresh URL, without submitting it again") from None
+
     def poll(self, task: dict[str, Any], url: str, deadline: float,
              state_of: Callable[[dict[str, Any]], Any]) -> tuple[Any, int]:
         """GET ``url`` on the poll schedule until ``state_of(body)`` returns something (it returns None while
@@ -196,6 +219,16 @@ class Provider:
         expected = size_of(self.opts.size)
         if expected is not None and tuple(size) != expected:
             return f"asked for {expected[0]}x{expected[1]} but got {size[0]}x{size[1]}"
+        return None
+
+    @staticmethod
+    def ratio_problem(size: tuple[int, int], ratio: Fraction, asked: str,
+                      tolerance: float = RATIO_TOLERANCE) -> Optional[str]:
+        """For a service that takes an aspect ratio and answers its own pixel size for it (which rounds the ratio
+        to its sizes: Stability's 3:2 is 1216x832, 2.6% off), what is wrong with ``size``; None when it has the
+        ratio asked for."""
+        if abs(size[0] / size[1] - ratio) > tolerance * ratio:
+            return f"asked for the aspect ratio {asked} but got {size[0]}x{size[1]}"
         return None
 
     # -- the protocol ----------------------------------------------------------------------------------------

@@ -7,10 +7,15 @@ and secret from two environment variables (``--client-id-env``, default ``FIREFL
 (a token that expired mid-run costs one more call, not a failed image). Every call sends it as a bearer
 token, with the client id as ``x-api-key``.
 
-``POST {base}/v3/images/generate-async`` with ``prompt``, ``numVariations: 1`` and ``size: {width, height}``
-answers ``jobId`` and ``statusUrl``; ``GET statusUrl`` answers ``status`` ``pending`` / ``running`` until
-``succeeded`` (the images' pre-signed URLs in ``result.outputs[].image.url``, downloaded at once) or
-``failed``. A refusal: a 451 to the submission, or a failed job whose error names the content policy.
+``POST {base}/v3/images/generate-async`` (Adobe's Firefly API reference, "Generate images asynchronously") with
+``prompt``, ``numVariations: 1``, ``seeds`` and ``size: {width, height}``, and the model in the
+``x-model-version`` header (``--model``: ``image3``, the service's default, ``image4_standard``,
+``image4_ultra``; without the header every row would be Image 3 whatever it is labelled), answers ``jobId`` and
+``statusUrl``; ``GET statusUrl`` answers ``status`` ``pending`` / ``running`` until ``succeeded`` (the images'
+pre-signed URLs in ``result.outputs[].image.url``, downloaded at once, and each image's ``seed``, recorded), or
+``failed``, ``cancelled`` or ``timeout`` (a failed image, submitted again by the next run). A refusal: a 451,
+or a 422 whose ``error_code`` is ``prompt_unsafe``, ``input_media_unsafe`` or ``output_media_unsafe``, to the
+submission; a failed job whose error code ends in ``_unsafe`` or names the content policy.
 """
 
 from __future__ import annotations
@@ -23,12 +28,20 @@ from typing import Any, Optional
 import httpx
 
 from pipeline.data.remote import public_url
+from pipeline.seeds import stable_seed
 from pipeline.services.http import retries_taken
 from pipeline.services.providers.base import Answer, GenerateError, Provider, Refused, Submitted, size_of
 
 IMS_TOKEN_URL = "https://ims-na1.adobelogin.com/ims/token/v3"
 SCOPES = "openid,AdobeID,session,additional_info,read_organizations,firefly_api,ff_apis"
 POLICY_WORDS = ("policy", "moderat", "blocked", "not allowed", "content_filter", "guideline")
+ENDED = ("failed", "cancelled", "canceled", "timeout")  # terminal states without images
+SEED_RANGE = 100000  # Firefly's seeds are 0 .. 99999 (the API reference's ``seeds`` items)
+
+
+def unsafe(code: Any) -> bool:
+    """Firefly's moderation codes: prompt_unsafe, input_media_unsafe, output_media_unsafe."""
+    return str(code or "").endswith("_unsafe")
 
 
 class Firefly(Provider):
@@ -93,16 +106,21 @@ class Firefly(Provider):
             deadline: float) -> Answer:
         requests = retries = 0
         if task is None:
-            body: dict[str, Any] = {"prompt": prompt.prompt, "numVariations": 1}
+            seed = stable_seed("firefly", prompt.id, index) % SEED_RANGE
+            body: dict[str, Any] = {"prompt": prompt.prompt, "numVariations": 1, "seeds": [seed]}
             size = size_of(self.opts.size)
             if size:
                 body["size"] = {"width": size[0], "height": size[1]}
             url = self.base + self.path
-            response = self.request("POST", url, json=body)
+            response = self.request("POST", url, json=body, headers={"x-model-version": self.opts.model})
             retries = retries_taken(response)
             requests += 1 + retries
             if response.status_code == 451:
                 raise Refused("451", self.message_of(response))
+            if response.status_code in (400, 422):
+                code = _error_code(response)
+                if unsafe(code):
+                    raise Refused(str(code), self.message_of(response))
             self.check(response, url)
             answer = self.json(response, url)
             if not answer.get("jobId") or not answer.get("statusUrl"):
@@ -111,22 +129,31 @@ class Firefly(Provider):
             task = {"id": str(answer["jobId"]), "poll": str(answer["statusUrl"])}
             submitted(task)
 
-        def state_of(status: dict[str, Any]) -> Optional[str]:
+        def state_of(status: dict[str, Any]) -> Optional[dict[str, Any]]:
             state = status.get("status")
             if state == "succeeded":
                 outputs = (status.get("result") or {}).get("outputs") or []
                 url = outputs[0].get("image", {}).get("url") if outputs and isinstance(outputs[0], dict) else None
                 if not url:
                     raise ValueError(f"job {task['id']} succeeded without result.outputs[0].image.url")
-                return str(url)
-            if state in ("failed", "cancelled", "canceled"):
+                return outputs[0]
+            if state in ENDED:
                 error: dict[str, Any] = status["error"] if isinstance(status.get("error"), dict) else status
                 text = f"{error.get('error_code', '')} {error.get('message', '')}".strip() or str(state)
-                if any(word in text.lower() for word in POLICY_WORDS):
+                if unsafe(error.get("error_code")) or any(word in text.lower() for word in POLICY_WORDS):
                     raise Refused(str(error.get("error_code") or "policy"), text, task["id"])
-                raise ValueError(f"job {task['id']} {state}: {text}")
+                raise ValueError(f"job {task['id']} ended {state}: {text}; the next run submits it again")
             return None  # pending, running
 
-        image_url, polls = self.poll(task, task["poll"], deadline, state_of)
-        return Answer([self.download(image_url)], {"task_id": task["id"]}, requests=requests + polls + 1,
-                      retries=retries)
+        output, polls = self.poll(task, task["poll"], deadline, state_of)
+        image = self.fetch_result(task, str(output["image"]["url"]))
+        return Answer([image], {"task_id": task["id"], "model_version": self.opts.model},
+                      requests=requests + polls + 1, retries=retries, per_image=[{"seed": output.get("seed")}])
+
+
+def _error_code(response: httpx.Response) -> Any:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body.get("error_code") if isinstance(body, dict) else None

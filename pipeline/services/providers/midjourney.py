@@ -1,13 +1,17 @@
 """``--provider midjourney``: Midjourney through a task proxy that speaks the midjourney-proxy protocol (CometAPI's
 ``/mj/...`` endpoints, a self-hosted midjourney-proxy). Midjourney itself has no official API.
 
-``POST {base}/mj/submit/imagine`` with ``{"prompt": ...}`` answers ``{"code", "description", "result": <task id>}``:
-code 1 is submitted, 22 queued (also submitted), 24 a banned prompt (a refusal), 23 a full queue (retried by
-the next run), anything else a request the proxy rejects. ``GET {base}/mj/task/{id}/fetch`` answers the task:
-``status`` ``NOT_START``, ``SUBMITTED``, ``IN_PROGRESS`` (with ``progress``), then ``SUCCESS`` with ``imageUrl``
-(a 2x2 grid of four images) and ``buttons`` (``U1``..``U4`` upscale one image through
-``/mj/submit/action``), or ``FAILURE`` with ``failReason`` (a moderation reason, "banned prompt" and the like, is
-a refusal).
+``POST {base}/mj/submit/imagine`` with ``{"prompt": ...}`` answers ``{"code", "description", "result": <task id>}``
+(midjourney-proxy's ``ReturnCode``): code 1 is submitted, 22 queued (also submitted), 24 a banned prompt (a
+refusal), 23 a full queue and 9 a failure of the proxy's own (both failed images, submitted again by the next
+run), anything else a request the proxy rejects. ``GET {base}/mj/task/{id}/fetch`` answers the task: ``status``
+``NOT_START``, ``SUBMITTED``, ``IN_PROGRESS`` (with ``progress``), then ``SUCCESS`` with ``imageUrl`` (a 2x2 grid
+of four images) and ``buttons`` (``U1``..``U4`` upscale one image through ``/mj/submit/action``), ``FAILURE`` with
+``failReason`` (a moderation reason, "banned prompt" and the like, is a refusal), or, in the proxies that have
+them (trueai-org's midjourney-proxy ``TaskStatus``; CometAPI's fetch documentation), ``MODAL`` (the task waits
+for input in a dialog, which an imagine never gets) and ``CANCEL``: both end the task without images (failed,
+submitted again by the next run). The Midjourney version (``--v 7``, ``--niji 6``) is recorded per image, from
+the prompt the proxy ran (``properties.finalPrompt`` / ``promptEn``) or else the one sent.
 
 One imagine is four images: genbench cuts the grid into its four quadrants rather than upscaling each one
 (U1..U4 would be four more paid jobs and four more waits, for images at twice the size that another generator's
@@ -21,6 +25,7 @@ bare key in midjourney-proxy's header.
 from __future__ import annotations
 
 import io
+import re
 from typing import Any, Optional
 
 from PIL import Image
@@ -30,7 +35,9 @@ from pipeline.services.http import retries_taken
 from pipeline.services.providers.base import Answer, GenerateError, Provider, Refused, Submitted
 
 SUBMITTED = (1, 22)
-BANNED, QUEUE_FULL = 24, 23
+BANNED, QUEUE_FULL, FAILURE = 24, 23, 9
+ENDED_WITHOUT_IMAGES = ("MODAL", "CANCEL")
+VERSION = re.compile(r"--(v|version|niji)\s+([0-9][0-9.]*)")
 MODERATION_WORDS = ("banned", "moderation", "sensitive", "forbidden", "not allowed", "community guidelines")
 
 
@@ -54,8 +61,9 @@ class Midjourney(Provider):
             code = answer.get("code")
             if code == BANNED:
                 raise Refused("banned_prompt", str(answer.get("description") or "banned prompt"))
-            if code == QUEUE_FULL:
-                raise ValueError(f"{public_url(url)}: the queue is full (code 23: {answer.get('description')})")
+            if code in (QUEUE_FULL, FAILURE):  # transient: this task, not every prompt
+                raise ValueError(f"{public_url(url)} did not take the task (code {code}: "
+                                 f"{answer.get('description')}); the next run submits it again")
             if code not in SUBMITTED or not answer.get("result"):
                 raise GenerateError(f"{public_url(url)} did not take the task (code {code}: "
                                     f"{answer.get('description')}); check --model, --api-base and --provider")
@@ -74,13 +82,26 @@ class Midjourney(Provider):
                 if any(word in reason.lower() for word in MODERATION_WORDS):
                     raise Refused("moderation", reason, task["id"])
                 raise ValueError(f"task {task['id']} failed: {reason}")
-            return None  # NOT_START, SUBMITTED, IN_PROGRESS, MODAL
+            if state in ENDED_WITHOUT_IMAGES:
+                raise ValueError(f"task {task['id']} ended {state} without images; the next run submits it again")
+            return None  # NOT_START, SUBMITTED, IN_PROGRESS
 
         done, polls = self.poll(task, fetch, deadline, state_of)
-        grid = self.download(str(done["imageUrl"]))
+        grid = self.fetch_result(task, str(done["imageUrl"]))
         buttons = [b.get("customId") for b in done.get("buttons") or [] if isinstance(b, dict)]
-        return Answer(split_grid(grid), {"task_id": task["id"], "upscale_buttons": buttons[:4]},
+        ran = (done.get("properties") or {}).get("finalPrompt") or done.get("promptEn") or prompt.prompt
+        return Answer(split_grid(grid), {"task_id": task["id"], "upscale_buttons": buttons[:4],
+                                         "model_version": model_version(str(ran))},
                       requests=requests + polls + 1, retries=retries, grid=grid)
+
+
+def model_version(prompt: str) -> Optional[str]:
+    """``v7`` / ``niji6`` from a Midjourney prompt's ``--v 7`` / ``--niji 6``; None when it names none (the
+    account's default version, which the proxy does not report)."""
+    match = VERSION.search(prompt)
+    if match is None:
+        return None
+    return ("niji" if match.group(1) == "niji" else "v") + match.group(2)
 
 
 def split_grid(grid: bytes) -> list[bytes]:

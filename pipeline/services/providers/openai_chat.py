@@ -3,8 +3,10 @@
 
 The image comes back in the assistant's message, in one of the shapes the services document: a markdown image
 ``![...](https://...)`` or a data URL ``data:image/png;base64,...`` in ``content``, or an ``images`` list of
-``{"image_url": {"url": ...}}`` beside it. A completion with ``finish_reason: content_filter``, a 400
-``content_policy_violation``, or an answer in words with no image (the model declining) is a refusal.
+``{"image_url": {"url": ...}}`` beside it. A refusal is what the service marks as one: a completion with
+``finish_reason: content_filter`` or a 400 ``content_policy_violation``. An answer in words with no image (an
+error, a progress message, or a decline the service did not mark) is a failed image, its text recorded, asked
+again by the next run: genbench does not guess from prose which it was.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class OpenAIChat(OpenAIImages):
             text = str(msg.get("content") or "").strip()
             if not text:
                 raise ValueError(f"{self.endpoint()} answered a completion with neither an image nor text")
-            raise Refused("no_image", text[:500])  # the model answered in words: it declined to draw
+            raise ValueError(f"{self.endpoint()} answered in words without an image: {text[:300]!r}")
         if url.startswith("data:"):
             try:
                 image = base64.b64decode(url.split(",", 1)[1], validate=True)

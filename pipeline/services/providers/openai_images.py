@@ -3,7 +3,13 @@ CometAPI, Together, LocalAI, ``genbench serve``), through the openai SDK.
 
 The SDK does the HTTP: it retries 408/409/429/5xx, timeouts and dropped connections with exponential backoff
 and jitter, honouring ``Retry-After``, and never retries another 4xx. One image per request (DALL-E 3 takes only
-n=1). A refusal is a 400 with ``content_policy_violation`` (DALL-E) or ``moderation_blocked`` (gpt-image).
+n=1). A refusal is a 400 with ``content_policy_violation`` (DALL-E) or ``moderation_blocked`` (gpt-image). An
+empty quota (a 429 whose code is ``insufficient_quota``) stops the run with the service's message, as a bad key
+does: no later request can succeed.
+
+``response_format`` (the SDK's ``ImageGenerateParams``): the gpt-image models take none and always answer
+``b64_json``; DALL-E and the services that copy it take ``b64_json`` or ``url``. By default genbench sends
+``b64_json`` except to a ``gpt-image*`` model (``--response-format`` overrides it, ``none`` sends none).
 """
 
 from __future__ import annotations
@@ -29,14 +35,20 @@ class OpenAIImages(Provider):
         # built before the clock starts: importing the SDK takes seconds, once
         self.client = openai.OpenAI(api_key=self.key, base_url=self.opts.api_base, max_retries=self.opts.max_retries,
                                     timeout=self.opts.timeout)
+        chosen = self.opts.response_format
+        if chosen is None:  # by model: gpt-image refuses the parameter (it always answers b64_json)
+            chosen = "none" if self.opts.model.startswith("gpt-image") else "b64_json"
+        self.response_format: Optional[str] = None if chosen == "none" else chosen
 
     def run(self, prompt: Any, index: int, task: Optional[dict[str, Any]], submitted: Submitted,
             deadline: float) -> Answer:
 
         kwargs: dict[str, Any] = {"model": self.opts.model, "prompt": prompt.prompt, "n": 1}
-        for name in ("size", "quality", "response_format"):
+        for name in ("size", "quality"):
             if getattr(self.opts, name):
                 kwargs[name] = getattr(self.opts, name)
+        if self.response_format:
+            kwargs["response_format"] = self.response_format
         raw = self.call(self.client.images.with_raw_response.generate, **kwargs)
         response = self.images_response(raw)
         item = response.data[0]
@@ -65,6 +77,12 @@ class OpenAIImages(Provider):
         except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError,
                 openai.UnprocessableEntityError) as e:
             raise GenerateError(self.status_text(e)) from None
+        except openai.RateLimitError as e:
+            if error_code(e) == "insufficient_quota":  # no later request can succeed either: stop, say why
+                raise GenerateError(f"{self.status_text(e)} (the account's quota is used up: add credit or raise "
+                                    f"the limit for the key in {self.opts.api_key_env}, then run the same command "
+                                    "again)") from None
+            raise ValueError(self.status_text(e)) from None
         except (openai.APIStatusError, openai.APIConnectionError) as e:  # retries spent: this image failed
             raise ValueError(self.status_text(e)) from None
 
