@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import secrets
 import time
 from pathlib import Path
@@ -217,6 +218,7 @@ def _write_record(results: Path, name: str, placement: Placement, metrics: dict,
 
 def _record_name(stem: str, num_samples: int, seed: Optional[int]) -> str:
     seed_part = "" if seed is None else f"-s{seed}"
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "set"  # a model named by a path or org/name
     return f"{stem}-n{num_samples}{seed_part}-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
 
 
@@ -366,7 +368,7 @@ def benchmark_images(images: str, reference: str, labels: Optional[str] = None, 
     scorer = Scorer(ref, opts, placement, source.shape, held_out=held_out_split(ref))
     metrics, std, draws, skipped, protocol, evidence = _evaluate(scorer, [source])
     protocol.update(seed=None, repeats=1, images=source.describe())
-    name = name or (external["model"] if external else Path(images).resolve().name)
+    name = name or (external.get("name") or external["model"] if external else Path(images).resolve().name)
     conditional = getattr(source, "labels", None) is not None
     return _write_record(results_dir, _record_name(name, source.num_images, None), placement, metrics, std, draws,
                          skipped, protocol, evidence, run_id=name, run_dir=None, family="external",
@@ -385,7 +387,9 @@ def _external_of(source: GeneratedSet) -> dict[str, Any]:
             "refused": totals.get("refused"), "failed": totals.get("failed"), "requests": totals.get("requests"),
             "wall_seconds": totals.get("wall_seconds"), "cost": totals.get("cost"),
             "price_per_image": totals.get("price_per_image"), "tasks": totals.get("tasks"),
-            "task_ids": totals.get("task_ids"), "pending": totals.get("pending")}
+            "task_ids": totals.get("task_ids"), "pending": totals.get("pending"),
+            "billed_images": totals.get("billed_images"), "name": info.get("name"),
+            **({"pipeline": info["pipeline"]} if "pipeline" in info else {})}
 
 
 def _external_cost(external: Optional[dict[str, Any]]) -> dict[str, Any]:

@@ -234,7 +234,9 @@ def cmd_generate(args, extra) -> int:
                            concurrency=args.concurrency, max_retries=args.max_retries, timeout=args.timeout,
                            poll_interval=args.poll_interval, api_key_env=args.api_key_env,
                            auth_header=args.auth_header, client_id_env=args.client_id_env, token_url=args.token_url,
-                           price_per_image=args.price_per_image, retry_refused=args.retry_refused)
+                           price_per_image=args.price_per_image, retry_refused=args.retry_refused,
+                           steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
+                           batch_size=args.batch_size, device=args.device)
     try:
         outcome = generate(opts)
     except GenerateError as e:

@@ -151,13 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
         ". Retries 408/409/429/5xx, timeouts and dropped connections with backoff (honouring Retry-After); records "
         "content-policy refusals and goes on; the same command again requests only the images still missing.")
     gen.add_argument("--provider", default="openai",
-                     choices=("openai", "openai-chat", "stability", "firefly", "midjourney", "bfl"),
+                     choices=("openai", "openai-chat", "stability", "firefly", "midjourney", "bfl", "diffusers"),
                      help="the service's protocol (default openai: the OpenAI images API and its copies; see "
                           "docs/services.md for each)")
     gen.add_argument("--api-base",
                      help="the API's base URL (default: the provider's official one), e.g. https://api.openai.com/v1, "
                           "https://api.cometapi.com for midjourney through CometAPI, http://127.0.0.1:8000/v1")
-    gen.add_argument("--model", required=True, help="the model name the service knows, e.g. dall-e-3, gpt-image-1")
+    gen.add_argument("--model", required=True, help="the model name the service knows, e.g. dall-e-3, gpt-image-1; "
+                                                    "for --provider diffusers the pipeline's local directory")
     gen.add_argument("--prompts", required=True, help="prompt suite: JSONL or YAML (see prompts/)")
     gen.add_argument("--out", required=True, help="directory of the generated set (images/, meta/, generation.json)")
     gen.add_argument("--images-per-prompt", type=int, default=1, help="images K per prompt (default 1)")
@@ -189,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--price-per-image", type=float,
                      help="USD per image, for the record's cost (midjourney: the price of one imagine / 4)")
     gen.add_argument("--retry-refused", action="store_true", help="ask again for images that were refused before")
+    gen.add_argument("--steps", type=int, help="diffusers: inference steps (default: the pipeline's)")
+    gen.add_argument("--guidance-scale", type=float, help="diffusers: classifier-free guidance scale (default: the "
+                                                          "pipeline's)")
+    gen.add_argument("--scheduler", help="diffusers: a scheduler class, e.g. DDIMScheduler, EulerDiscreteScheduler "
+                                         "(built from the pipeline's scheduler config; default: its own)")
+    gen.add_argument("--batch-size", type=int, help="diffusers: images per pipeline call (default 8 on a GPU, 1 on "
+                                                    "the CPU); each image keeps its own seed")
+    gen.add_argument("--device", help="diffusers: torch device (default cuda when there is one, else cpu)")
 
     srv = sub.add_parser("serve", help=COMMANDS["serve"], description=COMMANDS["serve"] +
                          ". Prompts map to classes through the shards' class names; concurrent requests are "

@@ -71,8 +71,11 @@ def _provider_class(opts: GenerateOptions) -> type[Provider]:
     return PROVIDERS[opts.provider]
 
 
-def _api_key(opts: GenerateOptions) -> tuple[str, bool]:
-    """(key, whether it came from the environment). A loopback endpoint (genbench serve) needs none."""
+def _api_key(opts: GenerateOptions, cls: type[Provider]) -> tuple[str, bool]:
+    """(key, whether it came from the environment). A loopback endpoint (genbench serve) or a local generator
+    needs none."""
+    if not cls.needs_key:
+        return "", False
     assert opts.api_base is not None and opts.api_key_env is not None
     key = os.environ.get(opts.api_key_env)
     if key and not key.strip():
@@ -125,8 +128,10 @@ class _PromptLog:
 def _settings_of(opts: GenerateOptions, suite: PromptSuite, provider: Provider) -> dict[str, Any]:
     assert opts.api_base is not None
     return {"provider": opts.provider, "api_base": public_url(opts.api_base), "endpoint": provider.endpoint(),
-            "model": opts.model, "size": opts.size, "quality": opts.quality, "prompt_suite": suite.describe(),
-            "images_per_prompt": opts.images_per_prompt, "images_per_task": provider.images_per_task}
+            "model": opts.model, "name": provider.display_name(), "size": opts.size, "quality": opts.quality,
+            "prompt_suite": suite.describe(),
+            "images_per_prompt": opts.images_per_prompt, "images_per_task": provider.images_per_task,
+            **provider.describe()}
 
 
 def _check_same_set(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
@@ -141,14 +146,24 @@ def _check_same_set(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
         return {}
     old = json.loads(path.read_text())
     old.setdefault("provider", "openai")  # sets written before there were providers
-    for key in ("provider", "api_base", "model", "size", "quality"):
-        if old.get(key) != settings[key]:
+    for key in ("provider", "api_base", "model", "size", "quality", *provider_keys(settings)):
+        if old.get(key) != settings.get(key):
+            if key == "pipeline":
+                raise GenerateError(f"{out} holds images of another pipeline or other options (weights sha256 "
+                                    f"{str((old.get(key) or {}).get('weights_sha256'))[:12]}..., scheduler, steps, "
+                                    "guidance scale, batch size or device differ); one set per generator: pass "
+                                    "another --out")
             raise GenerateError(f"{out} holds images made with {key} {old.get(key)!r}, not {settings[key]!r}; "
                                 "one set per generator: pass another --out")
     if old["prompt_suite"]["sha256"] != settings["prompt_suite"]["sha256"]:
         raise GenerateError(f"{out} was made from another version of the prompt suite "
                             f"({old['prompt_suite']['path']}); pass another --out")
     return old
+
+
+def provider_keys(settings: dict[str, Any]) -> tuple[str, ...]:
+    """Settings a provider adds (a local pipeline's identity): a set must keep them too."""
+    return ("pipeline",) if "pipeline" in settings else ()
 
 
 def _tasks(suite: PromptSuite, logs: dict[str, _PromptLog], opts: GenerateOptions,
@@ -174,7 +189,7 @@ def generate(opts: GenerateOptions) -> Outcome:
     opts.api_base = opts.api_base or cls.default_base
     opts.api_key_env = opts.api_key_env or cls.default_key_env
     suite = load_prompts(opts.prompts)
-    key, from_env = _api_key(opts)
+    key, from_env = _api_key(opts, cls)
     provider = cls(opts, key, from_env)  # before the clock starts: importing an SDK takes seconds, once
     out = Path(opts.out)
     settings = _settings_of(opts, suite, provider)

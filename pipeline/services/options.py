@@ -27,4 +27,10 @@ class GenerateOptions:
     token_url: Optional[str] = None  # firefly: the IMS token endpoint (None: Adobe's)
     price_per_image: Optional[float] = None
     retry_refused: bool = False
+    # diffusers (a local pipeline): the call's options (None: the pipeline's defaults) and where it runs
+    steps: Optional[int] = None
+    guidance_scale: Optional[float] = None
+    scheduler: Optional[str] = None
+    batch_size: Optional[int] = None  # None: 8 on a GPU, 1 on the CPU
+    device: Optional[str] = None  # None: cuda when there is one
     progress: bool = True

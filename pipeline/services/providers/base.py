@@ -79,6 +79,7 @@ class Provider:
     path = ""  # the endpoint a task is submitted to, below the base (for messages and records)
     auth_header = "Authorization"  # "Authorization" sends "Bearer KEY"; another header the bare key
     rate_lockout: Optional[float] = None  # seconds a 429 without Retry-After locks the client out (documented)
+    needs_key = True  # False: a local generator, no credentials
 
     def __init__(self, opts: GenerateOptions, key: str, from_env: bool) -> None:
         self.opts, self.key, self.from_env = opts, key, from_env
@@ -91,6 +92,15 @@ class Provider:
     def endpoint(self) -> str:
         """Where tasks go, without credentials: in generation.json, the records and every message."""
         return public_url(f"{self.base}{self.path.format(model=self.opts.model)}")
+
+    def display_name(self) -> str:
+        """The generator's name in records and the leaderboard (the model as the service calls it)."""
+        return self.opts.model
+
+    def describe(self) -> dict[str, Any]:
+        """What else names the generator in generation.json (a local pipeline's identity); a set into the same --out
+        must have the same."""
+        return {}
 
     def secrets(self) -> list[str]:
         """Everything that must never be written: the key, and any token derived from it."""
