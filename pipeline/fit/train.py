@@ -192,7 +192,8 @@ class GenbenchCLI(LightningCLI):
         assert self.run_dir is not None
         try:
             # a resumed two-stage run is rebuilt on the first stage its checkpoint names (by hash), wherever it is now
-            with expecting(recorded_first_stage(self.run_dir)):
+            two_stage = bool(self.config.model.init_args.get("first_stage"))
+            with expecting(recorded_first_stage(self.run_dir) if two_stage else None):
                 super().instantiate_classes()
         except ValueError as e:
             # jsonargparse wraps what a model's or data module's __init__ raised (its own message names the key
