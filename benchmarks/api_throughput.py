@@ -102,7 +102,7 @@ def generate_rate(base: str, images: int, concurrency: int, out: Path) -> float:
     return outcome.done / outcome.wall_seconds
 
 
-TASK_MODELS = {"midjourney": "midjourney-v7", "firefly": "firefly-image-4", "bfl": "flux-pro-1.1"}
+TASK_MODELS = {"midjourney": "midjourney-v7", "firefly": "image4_standard", "bfl": "flux-pro-1.1"}
 
 
 def task_loop(provider: str, base: str, images: int, concurrency: int, interval: float) -> float:
@@ -114,7 +114,8 @@ def task_loop(provider: str, base: str, images: int, concurrency: int, interval:
         if provider == "firefly":
             token = client.post(f"{base}/ims/token/v3", data={"grant_type": "client_credentials", "client_id":
                                                               CLIENT_ID, "client_secret": KEY}).json()
-            headers = {"Authorization": f"Bearer {token['access_token']}", "x-api-key": CLIENT_ID}
+            headers = {"Authorization": f"Bearer {token['access_token']}", "x-api-key": CLIENT_ID,
+                       "x-model-version": TASK_MODELS[provider]}
 
         def one(i: int) -> None:
             prompt = f"a plain digit {DIGITS[i % 10]} {i}"
