@@ -64,7 +64,9 @@ def hardware() -> dict[str, Any]:
 
 def describe_environment() -> dict[str, Any]:
     """The code and machine half of provenance, shared by run.json and result records."""
-    return {"git": git_state(), "packages": package_versions(), "hardware": hardware()}
+    from pipeline import threads
+
+    return {"git": git_state(), "packages": package_versions(), "hardware": hardware(), "threads": threads.describe()}
 
 
 class ProvenanceCallback(Callback):

@@ -22,9 +22,10 @@ from jsonargparse import Namespace
 from lightning_fabric.plugins import CheckpointIO
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning import Trainer
-from pytorch_lightning.callbacks import ProgressBar
+from pytorch_lightning.callbacks import ModelSummary, ProgressBar, TQDMProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
+from pipeline import threads
 from pipeline.console import interactive
 from pipeline.data.datamodule import ShardDataModule
 from pipeline.data.imagefile import MAX_PIXELS
@@ -170,6 +171,9 @@ class GenbenchCLI(LightningCLI):
         self.run_dir = run_directory(self.config)
         if dry:
             raise DryRun(self.config, self.parser.dump(self.config, skip_none=False), self.run_dir)
+        devices = self.config.trainer.get("devices")
+        threads.apply(threads.plan(workers=self.config.data.init_args.get("num_workers") or 0,
+                                   ranks=devices if isinstance(devices, int) and devices > 0 else None))
         problem = allocation_problem(self.config.trainer.devices) if under_slurm() else None
         if problem:
             raise ConfigError(problem)
@@ -237,9 +241,14 @@ class GenbenchCLI(LightningCLI):
                  ProvenanceCallback(run_dir, self.config, chash, tracking)]
         trainer_config = self._get(self.config_init, "trainer", default={})
         user_callbacks = _as_list(trainer_config.get("callbacks"))
-        if trainer_config.get("enable_progress_bar") is not False and not interactive() and \
+        if trainer_config.get("enable_progress_bar") is not False and \
                 not any(isinstance(cb, ProgressBar) for cb in user_callbacks):
-            extra.append(LineProgressBar())  # in a log, lines every 30 s instead of a redrawn bar
+            # in a log, lines every 30 s instead of a redrawn bar; on a terminal tqdm's bar, named here because with
+            # `rich` installed (diffusers' CLI brings it) Lightning would pick its rich bar and print around genbench
+            extra.append(TQDMProgressBar() if interactive() else LineProgressBar())
+        if trainer_config.get("enable_model_summary") is not False and \
+                not any(isinstance(cb, ModelSummary) for cb in user_callbacks):
+            extra.append(ModelSummary())  # logged (quiet unless --verbose), not RichModelSummary's direct print
         plugins = _as_list(trainer_config.get("plugins"))
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(SharedCheckpointIO())

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from lightning_fabric.plugins.environments import LightningEnvironment
 from pytorch_lightning import LightningModule, Trainer
+from pytorch_lightning.callbacks import TQDMProgressBar
 from torch import nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
@@ -126,6 +127,8 @@ def train_auditor(shards: str, epochs: int = 10, seed: int = 0, out: Optional[Pa
     trainer = Trainer(max_epochs=epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
                       plugins=[LightningEnvironment()],
                       enable_progress_bar=progress and interactive(), enable_model_summary=False,
+                      # tqdm's bar, named: with `rich` installed Lightning would pick its rich one
+                      callbacks=[TQDMProgressBar()] if progress and interactive() else None,
                       check_val_every_n_epoch=epochs, default_root_dir=str(out.parent))
     trainer.fit(model, datamodule=dm)
     accuracy = float(trainer.callback_metrics["auditor/val_accuracy"])
