@@ -10,12 +10,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-# genbench's thread policy in the tests' processes too (and the ones they start): pipeline sets OMP_WAIT_POLICY
-# before any test module imports torch, and the plan fits torch's threads to this machine's cores
-from pipeline import threads  # noqa: E402
-
-threads.apply(threads.plan())
-
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -8,15 +8,11 @@ import logging
 import sys
 from typing import Optional
 
-from pipeline import threads
 from pipeline.cli import commands
 from pipeline.cli.parser import COMMANDS, INCEPTION_FILE, build_parser
 from pipeline.console import configure
 
 __all__ = ["COMMANDS", "INCEPTION_FILE", "main"]
-
-# the commands that run torch in this process (fit decides with its loader workers and ranks, in pipeline.fit)
-COMPUTING = ("benchmark", "run", "serve", "train-auditor", "generate")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -33,8 +29,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     if extra and args.command != "run":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command in COMPUTING:  # torch's threads fitted to the cores this process may use (pipeline/threads.py)
-        threads.apply(threads.plan())
     try:
         return commands.COMMAND_FUNCS[args.command](args, extra)
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, argparse.ArgumentError) as e:

@@ -64,9 +64,7 @@ def hardware() -> dict[str, Any]:
 
 def describe_environment() -> dict[str, Any]:
     """The code and machine half of provenance, shared by run.json and result records."""
-    from pipeline import threads
-
-    return {"git": git_state(), "packages": package_versions(), "hardware": hardware(), "threads": threads.describe()}
+    return {"git": git_state(), "packages": package_versions(), "hardware": hardware()}
 
 
 class ProvenanceCallback(Callback):

@@ -25,7 +25,6 @@ from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import ModelSummary, ProgressBar, TQDMProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
-from pipeline import threads
 from pipeline.console import interactive
 from pipeline.data.datamodule import ShardDataModule
 from pipeline.data.imagefile import MAX_PIXELS
@@ -171,9 +170,6 @@ class GenbenchCLI(LightningCLI):
         self.run_dir = run_directory(self.config)
         if dry:
             raise DryRun(self.config, self.parser.dump(self.config, skip_none=False), self.run_dir)
-        devices = self.config.trainer.get("devices")
-        threads.apply(threads.plan(workers=self.config.data.init_args.get("num_workers") or 0,
-                                   ranks=devices if isinstance(devices, int) and devices > 0 else None))
         problem = allocation_problem(self.config.trainer.devices) if under_slurm() else None
         if problem:
             raise ConfigError(problem)
