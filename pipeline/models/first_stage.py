@@ -126,14 +126,16 @@ def _unique(paths: list[Path]) -> list[Path]:
     return out
 
 
-def locate(given: str | os.PathLike, expected: Optional[dict]) -> tuple[Path, Path, str]:
+def locate(given: str | os.PathLike, expected: Optional[dict],
+           quantizer: Optional[str] = None) -> tuple[Path, Path, str]:
     """(run directory, checkpoint, sha256) of the first stage: with ``expected`` (a checkpoint's record) the file
     of its sha256, looked for in the recorded run directory first, then in the given place; without, the given
-    checkpoint. Raises FirstStageError naming the hash, where it looked and what to do."""
+    checkpoint (none: how to train one, for ``quantizer``). Raises FirstStageError naming the hash, where it
+    looked and what to do."""
     run_dir, ckpt = split(given)
     if not expected:
         if not ckpt.is_file():
-            raise FirstStageError(f"first stage {given} has no checkpoint ({ckpt} does not exist)")
+            raise FirstStageError(missing_message(given, quantizer, []))
         return run_dir, ckpt, checkpoint_sha256(ckpt)
     sha = expected["sha256"]
     dirs = _unique(([Path(expected["run_dir"])] if expected.get("run_dir") else []) + [run_dir])
@@ -198,10 +200,7 @@ class FirstStage:
     def __init__(self, given: str | Path, autoencoder: Any, quantizer: Optional[str] = None) -> None:
         """``given``: the run directory or a checkpoint file; ``autoencoder``: the first-stage class (the
         registry's ``autoencoder``, passed in so that this module imports no family)."""
-        expected = _EXPECTED.get()
-        if not expected and not split(given)[1].is_file():
-            raise FirstStageError(missing_message(given, quantizer, []))
-        directory, ckpt, sha = locate(given, expected)
+        directory, ckpt, sha = locate(given, _EXPECTED.get(), quantizer)
         family = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("genbench", {}).get("family")
         if family != autoencoder.family:
             raise FirstStageError(f"first stage {given} is a {family!r} run, not an autoencoder; pass the run "
